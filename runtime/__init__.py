@@ -1,0 +1,1 @@
+"""corral.runtime: the OCI runtime library and its runc-compatible CLI."""

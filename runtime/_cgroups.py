@@ -1,0 +1,315 @@
+"""cgroup managers: one interface, a v1 and a v2 implementation.
+
+Detection reads /proc/self/mountinfo once: a cgroup2 filesystem at /sys/fs/cgroup means a
+pure v2 host; v1 hierarchies there mean v1, and a cgroup2 at /sys/fs/cgroup/unified beside
+them is the hybrid layout (systemd's), which corral handles as v1 plus the unified directory
+(crun refuses such hosts; runc, like corral, does not).
+
+A manager knows the directories of one container and which of them corral itself created:
+`destroy` removes exactly those, deepest first, and nothing else.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from typing import Any, Protocol
+
+from ._errors import CorralError
+
+CGROUP_ROOT = "/sys/fs/cgroup"
+
+
+class Hierarchy:
+    """One mounted cgroup hierarchy: where it is and what it controls."""
+
+    __slots__ = ("controllers", "mount_root", "mountpoint", "name", "version")
+
+    def __init__(self, version: int, mountpoint: str, mount_root: str,
+                 controllers: list[str], name: str) -> None:
+        self.version = version
+        self.mountpoint = mountpoint
+        self.mount_root = mount_root
+        self.controllers = controllers
+        self.name = name
+
+
+def _unescape(s: str) -> str:
+    return s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace(
+        "\\134", "\\")
+
+
+def hierarchies() -> list[Hierarchy]:
+    """The cgroup hierarchies mounted under /sys/fs/cgroup, from /proc/self/mountinfo."""
+    found: list[Hierarchy] = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields = left.split()
+            rfields = right.split()
+            if len(rfields) < 3 or rfields[0] not in ("cgroup", "cgroup2"):
+                continue
+            mountpoint = _unescape(fields[4])
+            if not (mountpoint == CGROUP_ROOT or mountpoint.startswith(CGROUP_ROOT + "/")):
+                continue
+            if rfields[0] == "cgroup2":
+                found.append(Hierarchy(2, mountpoint, _unescape(fields[3]), [], ""))
+                continue
+            opts = rfields[2].split(",")
+            ctrls = [o for o in opts if o not in ("rw", "ro") and "=" not in o
+                     and o not in ("relatime", "noatime", "nosuid", "nodev", "noexec",
+                                   "clone_children", "xattr", "noprefix", "cpuset_v2_mode")]
+            named = [o[5:] for o in opts if o.startswith("name=")]
+            name = ",".join(ctrls) if ctrls else ("name=" + named[0] if named else "")
+            found.append(Hierarchy(1, mountpoint, _unescape(fields[3]), ctrls, name))
+    return found
+
+
+def own_cgroups() -> dict[str, str]:
+    """This process's cgroup per hierarchy key ("" for v2, "memory", "name=systemd", ...)."""
+    out: dict[str, str] = {}
+    with open("/proc/self/cgroup") as f:
+        for line in f:
+            _, ctrls, path = line.rstrip("\n").split(":", 2)
+            out[ctrls] = path
+    return out
+
+
+def _rel(parent: str, own: str, mount_root: str, cgroups_path: str) -> str:
+    """The directory for `cgroups_path` inside one hierarchy mounted at `parent`."""
+    if cgroups_path.startswith("/"):
+        rel = cgroups_path
+    else:
+        base = own
+        if mount_root != "/" and base.startswith(mount_root):
+            base = base[len(mount_root):] or "/"
+        rel = os.path.join(base, cgroups_path)
+    rel = os.path.normpath("/" + rel.lstrip("/"))
+    return os.path.join(parent, rel.lstrip("/"))
+
+
+def _mkdirs(path: str, stop: str, created: list[str], on_new: Any = None) -> None:
+    """mkdir -p below `stop`, recording the directories made (parents first)."""
+    todo: list[str] = []
+    p = path
+    while p != stop and not os.path.isdir(p):
+        todo.append(p)
+        p = os.path.dirname(p)
+    for d in reversed(todo):
+        try:
+            os.mkdir(d, 0o755)
+        except FileExistsError:
+            continue
+        created.append(d)
+        if on_new is not None:
+            on_new(d)
+
+
+def _rmdirs(created: list[str]) -> None:
+    """Remove the directories corral made, deepest first; a shared parent still in use stays."""
+    for d in sorted(created, key=len, reverse=True):
+        deadline = time.monotonic() + 2.0
+        while True:
+            try:
+                os.rmdir(d)
+                break
+            except FileNotFoundError:
+                break
+            except OSError as e:
+                # EBUSY: tasks of a just-killed container are still leaving; ENOTEMPTY: a
+                # parent that another container still uses (not ours to remove).
+                if e.errno == errno.EBUSY and time.monotonic() < deadline:
+                    time.sleep(0.005)
+                    continue
+                if e.errno in (errno.ENOTEMPTY, errno.EBUSY):
+                    break
+                raise
+
+
+def _read_pids(path: str) -> list[int]:
+    try:
+        with open(os.path.join(path, "cgroup.procs")) as f:
+            return [int(x) for x in f.read().split()]
+    except FileNotFoundError:
+        return []
+
+
+class Manager(Protocol):
+    """What the runtime needs from a cgroup implementation (issue 3 extends it)."""
+
+    version: int
+
+    def create(self) -> None: ...
+    def add_pid(self, pid: int) -> None: ...
+    def pids(self) -> list[int]: ...
+    def frozen(self) -> bool: ...
+    def destroy(self) -> None: ...
+    def to_state(self) -> dict[str, Any]: ...
+    def container_dir(self, key: str) -> str | None: ...
+
+
+class V1Manager:
+    """cgroup v1 (and hybrid): one directory per mounted hierarchy."""
+
+    version = 1
+
+    def __init__(self, paths: dict[str, str], mounts: dict[str, str],
+                 created: list[str] | None = None, unified: str | None = None) -> None:
+        self.paths = paths  # hierarchy key -> container directory
+        self.mounts = mounts  # hierarchy key -> mountpoint
+        self.created = created if created is not None else []
+        self.unified = unified  # hybrid: the container's directory in the cgroup2 tree
+
+    @staticmethod
+    def _init_cpuset(d: str) -> None:
+        # A new v1 cpuset starts empty and refuses tasks until cpus/mems are copied down.
+        parent = os.path.dirname(d)
+        for name in ("cpuset.cpus", "cpuset.mems"):
+            with open(os.path.join(parent, name)) as f:
+                value = f.read().strip()
+            with open(os.path.join(d, name), "w") as f:
+                f.write(value)
+
+    def create(self) -> None:
+        for key, d in self.paths.items():
+            _mkdirs(d, self.mounts[key], self.created,
+                    self._init_cpuset if "cpuset" in key.split(",") else None)
+        if self.unified:
+            _mkdirs(self.unified, os.path.join(CGROUP_ROOT, "unified"), self.created)
+
+    def add_pid(self, pid: int) -> None:
+        for d in [*self.paths.values(), *([self.unified] if self.unified else [])]:
+            with open(os.path.join(d, "cgroup.procs"), "w") as f:
+                f.write(str(pid))
+
+    def pids(self) -> list[int]:
+        for key in ("pids", "memory", "devices", "freezer"):
+            if key in self.paths:
+                return _read_pids(self.paths[key])
+        return _read_pids(next(iter(self.paths.values()))) if self.paths else []
+
+    def frozen(self) -> bool:
+        d = self.paths.get("freezer")
+        if not d:
+            return False
+        try:
+            with open(os.path.join(d, "freezer.state")) as f:
+                return f.read().strip() == "FROZEN"
+        except FileNotFoundError:
+            return False
+
+    def destroy(self) -> None:
+        _rmdirs(self.created)
+
+    def container_dir(self, key: str) -> str | None:
+        return self.paths.get(key)
+
+    def to_state(self) -> dict[str, Any]:
+        return {"version": 1, "paths": self.paths, "mounts": self.mounts,
+                "created": self.created, "unified": self.unified}
+
+
+class V2Manager:
+    """cgroup v2: one directory in the unified tree, controllers enabled along its path."""
+
+    version = 2
+
+    def __init__(self, path: str, created: list[str] | None = None) -> None:
+        self.path = path
+        self.created = created if created is not None else []
+
+    @staticmethod
+    def _enable_controllers(d: str) -> None:
+        # Delegate every available controller from the parent down to this new level, so
+        # that limits can be set on the container's directory.
+        parent = os.path.dirname(d)
+        try:
+            with open(os.path.join(parent, "cgroup.controllers")) as f:
+                ctrls = f.read().split()
+            with open(os.path.join(parent, "cgroup.subtree_control")) as f:
+                enabled = set(f.read().split())
+        except FileNotFoundError:
+            return
+        missing = [c for c in ctrls if c not in enabled]
+        if missing:
+            try:
+                with open(os.path.join(parent, "cgroup.subtree_control"), "w") as f:
+                    f.write(" ".join("+" + c for c in missing))
+            except OSError as e:
+                if e.errno != errno.EBUSY:  # a parent with processes of its own
+                    raise
+
+    def create(self) -> None:
+        def on_new(d: str) -> None:
+            self._enable_controllers(d)
+
+        # Enable controllers from the top down for directories that already existed, too.
+        _mkdirs(self.path, CGROUP_ROOT, self.created, on_new)
+
+    def add_pid(self, pid: int) -> None:
+        with open(os.path.join(self.path, "cgroup.procs"), "w") as f:
+            f.write(str(pid))
+
+    def pids(self) -> list[int]:
+        return _read_pids(self.path)
+
+    def frozen(self) -> bool:
+        try:
+            with open(os.path.join(self.path, "cgroup.freeze")) as f:
+                return f.read().strip() == "1"
+        except FileNotFoundError:
+            return False
+
+    def destroy(self) -> None:
+        _rmdirs(self.created)
+
+    def container_dir(self, key: str) -> str | None:
+        return self.path
+
+    def to_state(self) -> dict[str, Any]:
+        return {"version": 2, "path": self.path, "created": self.created}
+
+
+def validate_cgroups_path(value: str, field: str = "linux.cgroupsPath") -> str:
+    """Refuse paths with `..` components: a container's cgroup must not climb out."""
+    if ".." in value.split("/"):
+        from ._errors import ConfigError
+
+        raise ConfigError(field, f"{value!r} must not contain '..'")
+    return value
+
+
+def new_manager(cgroups_path: str | None, cid: str, systemd: bool = False) -> Manager:
+    """The manager for a new container placed at `cgroups_path` (default `/corral/<id>`)."""
+    if systemd:
+        raise CorralError("--systemd-cgroup: the systemd cgroup driver is not supported yet; "
+                          "run without --systemd-cgroup (cgroupfs driver)")
+    path = validate_cgroups_path(cgroups_path) if cgroups_path else f"/corral/{cid}"
+    hs = hierarchies()
+    own = own_cgroups()
+    if any(h.version == 2 and h.mountpoint == CGROUP_ROOT for h in hs):
+        h2 = next(h for h in hs if h.mountpoint == CGROUP_ROOT)
+        return V2Manager(_rel(CGROUP_ROOT, own.get("", "/"), h2.mount_root, path))
+    v1 = [h for h in hs if h.version == 1]
+    if not v1:
+        raise CorralError("no cgroup filesystem is mounted under /sys/fs/cgroup")
+    paths: dict[str, str] = {}
+    mounts: dict[str, str] = {}
+    for h in v1:
+        key = h.name
+        paths[key] = _rel(h.mountpoint, own.get(key, "/"), h.mount_root, path)
+        mounts[key] = h.mountpoint
+    unified = None
+    uni = [h for h in hs if h.version == 2 and h.mountpoint == CGROUP_ROOT + "/unified"]
+    if uni:
+        unified = _rel(uni[0].mountpoint, own.get("", "/"), uni[0].mount_root, path)
+    return V1Manager(paths, mounts, unified=unified)
+
+
+def manager_from_state(data: dict[str, Any]) -> Manager:
+    """Rebuild a container's manager from what `to_state` saved."""
+    if data.get("version") == 2:
+        return V2Manager(data["path"], list(data.get("created", [])))
+    return V1Manager(dict(data["paths"]), dict(data["mounts"]), list(data.get("created", [])),
+                     data.get("unified"))

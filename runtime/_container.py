@@ -1,0 +1,428 @@
+"""Container operations: one function per CLI command, each "load, check status, act".
+
+`create` and `run` share `create_container`; `run` adds start and wait. The lifecycle guards:
+  start   needs created
+  kill    needs created, running or paused
+  delete  needs stopped (or created); --force kills first
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import signal
+import socket
+from typing import Any
+
+from ._errors import CorralError
+from ._log import NULL, Log
+from ._state import FIFO, Lock, Root, State, proc_stat, remove_tree, rfc3339_now, write_atomic
+
+SIGNALS = {name[3:]: int(sig) for name, sig in signal.Signals.__members__.items()
+           if name.startswith("SIG") and not name.startswith("SIG_")}
+
+
+def parse_signal(text: str) -> int:
+    """A signal from `KILL`, `SIGKILL`, `kill` or `9`.
+
+    Raises:
+        CorralError: naming the text when it is no signal this system knows.
+    """
+    t = text.strip()
+    if t.isdigit():
+        n = int(t)
+        if 0 < n <= 64:
+            return n
+        raise CorralError(f"invalid signal {text!r}")
+    up = t.upper()
+    up = up[3:] if up.startswith("SIG") else up
+    if up in SIGNALS:
+        return SIGNALS[up]
+    if up.startswith("RTMIN") or up.startswith("RTMAX"):
+        base = signal.SIGRTMIN if up.startswith("RTMIN") else signal.SIGRTMAX
+        off = up[5:]
+        try:
+            n = int(base) + (int(off) if off else 0)
+        except ValueError:
+            n = -1
+        if int(signal.SIGRTMIN) <= n <= int(signal.SIGRTMAX):
+            return n
+    raise CorralError(f"unknown signal {text!r}")
+
+
+class CreateOptions:
+    """The flags of `create` and `run` that reach the library."""
+
+    __slots__ = ("bundle", "console_socket", "no_new_keyring", "no_pivot", "pid_file",
+                 "preserve_fds", "systemd_cgroup")
+
+    def __init__(self, bundle: str = ".", pid_file: str | None = None,
+                 console_socket: str | None = None, no_pivot: bool = False,
+                 no_new_keyring: bool = False, preserve_fds: int = 0,
+                 systemd_cgroup: bool = False) -> None:
+        self.bundle = bundle
+        self.pid_file = pid_file
+        self.console_socket = console_socket
+        self.no_pivot = no_pivot
+        self.no_new_keyring = no_new_keyring
+        self.preserve_fds = preserve_fds
+        self.systemd_cgroup = systemd_cgroup
+
+
+def _write_maps(pid: int, cfg: dict[str, Any]) -> None:
+    lx = cfg["linux"]
+    for key, name in (("uidMappings", "uid_map"), ("gidMappings", "gid_map")):
+        lines = "".join(f"{m['containerID']} {m['hostID']} {m['size']}\n"
+                        for m in lx.get(key, []))
+        if lines:
+            try:
+                with open(f"/proc/{pid}/{name}", "w") as f:
+                    f.write(lines)
+            except OSError as e:
+                raise CorralError(f"linux.{key}: cannot write {name}: {e.strerror}") from None
+
+
+def _reap(pid: int) -> None:
+    """Wait for a child of ours; a pid that is not our child is left alone."""
+    if pid <= 0:
+        return
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
+
+
+def _kill_pid(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def create_container(root: Root, cid: str, opts: CreateOptions, log: Log = NULL,
+                     for_run: bool = False) -> State:
+    """Build the container up to `created`: the path both `create` and `run` take.
+
+    On any failure everything made so far (init, cgroup, state directory) is removed before
+    the error propagates.
+    """
+    from . import _init
+    from . import _linux as L
+    from ._cgroups import new_manager
+    from ._hooks import run_hooks
+    from ._spec import load_bundle
+
+    bundle, cfg, rootfs = load_bundle(opts.bundle)
+    cfg.setdefault("linux", {})
+    proc = cfg["process"]
+    if not any(n.get("type") == "mount" for n in cfg["linux"].get("namespaces", [])):
+        raise CorralError(f"{bundle}/config.json: linux.namespaces: a mount namespace is required")
+    if proc.get("terminal") and not opts.console_socket:
+        raise CorralError("process.terminal is true but no --console-socket was given "
+                          "(corral cannot own the terminal of a detached container)"
+                          if not for_run else
+                          "process.terminal is true: `corral run` needs --console-socket "
+                          "(terminal proxying is not implemented yet)")
+    if opts.preserve_fds < 0:
+        raise CorralError("--preserve-fds must not be negative")
+    for fd in range(3, 3 + opts.preserve_fds):
+        try:
+            os.fstat(fd)
+        except OSError:
+            raise CorralError(f"--preserve-fds {opts.preserve_fds}: fd {fd} is not open") from None
+
+    d = root.make_container_dir(cid)
+    lock = Lock(d).__enter__()
+    mgr = None
+    stage1 = init = 0
+    console: socket.socket | None = None
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    state = State(d, {"id": cid, "bundle": bundle, "rootfs": rootfs, "created": rfc3339_now(),
+                      "annotations": cfg.get("annotations") or {}, "config": cfg})
+    try:
+        os.mkfifo(os.path.join(d, FIFO), 0o600)
+        mgr = new_manager(cfg["linux"].get("cgroupsPath"), cid, opts.systemd_cgroup)
+        try:
+            mgr.create()
+        except OSError as e:
+            raise CorralError(f"linux.cgroupsPath: cannot create cgroup: {e}") from None
+        state.cgroup = mgr.to_state()
+        if opts.console_socket:
+            console = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                console.connect(opts.console_socket)
+            except OSError as e:
+                raise CorralError(f"--console-socket {opts.console_socket}: {e.strerror}") from None
+        # The init is forked by stage 1, which exits: as a subreaper we become its parent,
+        # so that `run` can wait for it; after we exit it passes to our own nearest
+        # subreaper (conmon, containerd's shim), as runc's init does.
+        L.prctl(L.PR_SET_CHILD_SUBREAPER, 1)
+        stage1 = os.fork()
+        if stage1 == 0:
+            try:
+                parent.close()
+                os.close(lock.fd)
+            finally:
+                _init.stage1(child)
+        child.close()
+        mgr.add_pid(stage1)
+        _init.send(parent, {
+            "type": "bootstrap", "config": cfg, "rootfs": rootfs, "bundle": bundle,
+            "fifo": os.path.join(d, FIFO), "no_pivot": opts.no_pivot,
+            "preserve_fds": opts.preserve_fds, "cgroup": state.cgroup,
+            "console_fd": console.fileno() if console else -1,
+        })
+        while True:
+            msg = _init.recv(parent)
+            if msg is None:
+                raise CorralError("container init exited before the container was created")
+            kind = msg.get("type")
+            if kind == "error":
+                raise CorralError(msg.get("msg", "container init failed"))
+            if kind == "usermap":
+                _write_maps(stage1, cfg)
+                _init.send(parent, {"type": "ok"})
+            elif kind == "pid":
+                init = int(msg["pid"])
+                _reap(stage1)
+                st = proc_stat(init)
+                if st is None:
+                    raise CorralError("container init exited before the container was created")
+                state.pid, state.start_time = init, st[1]
+            elif kind == "hooks":
+                state.save()
+                oci = state.oci("creating")
+                run_hooks(cfg, "prestart", oci)
+                run_hooks(cfg, "createRuntime", oci)
+                _init.send(parent, {"type": "ok", "state": state.oci("created")})
+            elif kind == "created":
+                state.save()
+                if opts.pid_file:
+                    write_atomic(os.path.abspath(opts.pid_file), f"{init}".encode(), 0o644)
+                _init.send(parent, {"type": "ok"})
+                break
+        log.debug(f"container {cid} created, init pid {init}")
+        return state
+    except BaseException:
+        for pid in (stage1, init):
+            _kill_pid(pid, signal.SIGKILL) if pid > 0 else None
+        _reap(stage1)
+        _reap(init)
+        if mgr is not None:
+            _kill_cgroup(mgr.pids())
+            mgr.destroy()
+        remove_tree(d)
+        raise
+    finally:
+        parent.close()
+        child.close()
+        if console is not None:
+            console.close()
+        lock.__exit__()
+
+
+def _kill_cgroup(pids: list[int]) -> None:
+    for pid in pids:
+        _kill_pid(pid, signal.SIGKILL)
+
+
+def _locked_state(root: Root, cid: str) -> tuple[Lock, State]:
+    lock = Lock(root.container_dir(cid)).__enter__()
+    try:
+        return lock, root.load(cid)
+    except BaseException:
+        lock.__exit__()
+        raise
+
+
+def start(root: Root, cid: str, log: Log = NULL) -> None:
+    """Let a created container's init exec the user's process."""
+    from ._hooks import run_hooks
+
+    lock, st = _locked_state(root, cid)
+    try:
+        status = st.status()
+        if status != "created":
+            raise CorralError(f"cannot start container {cid!r}: it is {status}, not created")
+        try:
+            fd = os.open(st.fifo, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as e:
+            if e.errno in (errno.ENXIO, errno.ENOENT):
+                raise CorralError(f"cannot start container {cid!r}: its init is gone") from None
+            raise
+        try:
+            os.write(fd, b"0")
+        finally:
+            os.close(fd)
+        os.unlink(st.fifo)
+    finally:
+        lock.__exit__()
+    try:
+        run_hooks(st.config, "poststart", st.oci("running"))
+    except CorralError as e:
+        log.warning(str(e))
+
+
+def signal_init(st: State, sig: int) -> None:
+    """Signal the init through a pidfd, after checking it is still the process we started."""
+    try:
+        pidfd = os.pidfd_open(st.pid)
+    except ProcessLookupError:
+        raise CorralError(f"container {st.id!r} is not running") from None
+    try:
+        if not st.init_alive():  # checked after opening: the pidfd now pins this process
+            raise CorralError(f"container {st.id!r} is not running")
+        try:
+            signal.pidfd_send_signal(pidfd, sig)
+        except ProcessLookupError:
+            raise CorralError(f"container {st.id!r} is not running") from None
+    finally:
+        os.close(pidfd)
+
+
+def kill(root: Root, cid: str, sig: int, all_processes: bool = False) -> None:
+    """Send `sig` to the init, or with `all_processes` to every process in its cgroup."""
+    from ._cgroups import manager_from_state
+
+    lock, st = _locked_state(root, cid)
+    try:
+        status = st.status()
+        if status == "stopped" and not all_processes:
+            raise CorralError(f"cannot kill container {cid!r}: it is not running")
+        if all_processes:
+            for pid in manager_from_state(st.cgroup).pids():
+                _kill_pid(pid, sig)
+            return
+        signal_init(st, sig)
+    finally:
+        lock.__exit__()
+
+
+def _wait_gone(st: State, timeout: float) -> bool:
+    """Wait until the init has exited (pidfd readable), up to `timeout` seconds."""
+    try:
+        pidfd = os.pidfd_open(st.pid)
+    except ProcessLookupError:
+        return True
+    try:
+        if not st.init_alive():
+            return True
+        p = select.poll()
+        p.register(pidfd, select.POLLIN)
+        return bool(p.poll(int(timeout * 1000)))
+    finally:
+        os.close(pidfd)
+
+
+def destroy(st: State, log: Log = NULL) -> None:
+    """Remove what corral made for a stopped container: cgroups, state; run poststop hooks."""
+    from ._cgroups import manager_from_state
+    from ._hooks import run_hooks
+
+    if st.cgroup:
+        mgr = manager_from_state(st.cgroup)
+        leftovers = mgr.pids()
+        if leftovers:  # no pid namespace: the init's children outlive it
+            _kill_cgroup(leftovers)
+        mgr.destroy()
+    try:
+        run_hooks(st.config, "poststop", st.oci("stopped"))
+    except CorralError as e:
+        log.warning(str(e))
+    remove_tree(st.dir)
+
+
+def delete(root: Root, cid: str, force: bool = False, log: Log = NULL) -> None:
+    """Delete a stopped (or created) container; with `force`, kill a running one first."""
+    d = root.container_dir(cid)
+    if not os.path.isdir(d):
+        if force:
+            return
+        raise CorralError(f"container {cid!r} does not exist")
+    with Lock(d):
+        try:
+            st = root.load(cid)
+        except CorralError:
+            if not os.path.exists(os.path.join(d, "state.json")):
+                # An aborted create left only the directory: nothing runs, remove it.
+                remove_tree(d)
+                if force:
+                    return
+            raise
+        status = st.status()
+        if status in ("running", "paused") and not force:
+            raise CorralError(f"cannot delete container {cid!r} that is not stopped: {status}")
+        if status != "stopped":
+            from ._cgroups import manager_from_state
+
+            mgr = manager_from_state(st.cgroup) if st.cgroup else None
+            if status == "paused" and mgr is not None:
+                _thaw(mgr)
+            try:
+                signal_init(st, signal.SIGKILL)
+            except CorralError:
+                pass
+            if mgr is not None:
+                _kill_cgroup(mgr.pids())
+            if not _wait_gone(st, 10.0):
+                raise CorralError(f"container {cid!r} did not stop within 10 s of SIGKILL")
+        destroy(st, log)
+
+
+def _thaw(mgr: Any) -> None:
+    thaw = getattr(mgr, "thaw", None)
+    if thaw is not None:
+        thaw()
+
+
+def wait_exit(st: State) -> int:
+    """Wait for the init (our child, thanks to the subreaper) and return a shell-style status."""
+    try:
+        _, status = os.waitpid(st.pid, 0)
+    except ChildProcessError:
+        _wait_gone(st, 1e9)
+        return 0
+    if os.WIFSIGNALED(status):
+        return 128 + os.WTERMSIG(status)
+    return os.WEXITSTATUS(status)
+
+
+def run(root: Root, cid: str, opts: CreateOptions, detach: bool = False, keep: bool = False,
+        log: Log = NULL) -> int:
+    """create + start, then (unless `detach`) wait and return the container's exit status."""
+    st = create_container(root, cid, opts, log, for_run=True)
+    try:
+        start(root, cid, log)
+    except BaseException:
+        delete(root, cid, force=True, log=log)
+        raise
+    if detach:
+        return 0
+
+    def forward(signum: int, _frame: object) -> None:
+        try:
+            signal_init(st, signum)
+        except CorralError:
+            pass
+
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
+              signal.SIGUSR2, signal.SIGWINCH):
+        signal.signal(s, forward)
+    code = wait_exit(st)
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, signal.SIG_DFL)
+    if not keep:
+        delete(root, cid, force=True, log=log)
+    return code
+
+
+def list_states(root: Root) -> list[dict[str, Any]]:
+    """The OCI state of every container under `root` (unreadable ones skipped)."""
+    out = []
+    for cid in root.ids():
+        try:
+            out.append(root.load(cid).oci())
+        except CorralError:
+            continue
+    return out

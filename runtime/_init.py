@@ -1,0 +1,612 @@
+"""The container's side of `create`: the two forked stages that become the container.
+
+Stage 1 (forked by the runtime, already in the container's cgroup) joins namespaces given by
+path, unshares the new ones (asking the runtime to write uid/gid maps for a new user
+namespace) and forks stage 2, reports its pid and exits. Stage 2 is the container's init
+(pid 1 in a new pid namespace): it builds the root filesystem, pivots into it, applies every
+process setting that must be done from inside, reports `created`, blocks on exec.fifo until
+`start`, then drops privileges and execs the user's process.
+
+Everything travels over one SOCK_SEQPACKET socket as JSON messages, one per datagram:
+  runtime -> stage 1: {"type": "bootstrap", ...}       the config and the create options
+  stage 1 -> runtime: {"type": "usermap"}               write my uid_map/gid_map now
+  runtime -> stage 1: {"type": "ok"}
+  stage 1 -> runtime: {"type": "pid", "pid": N}         the init's pid, then stage 1 exits
+  init    -> runtime: {"type": "hooks"}                 run prestart/createRuntime now
+  runtime -> init:    {"type": "ok", "state": {...}}
+  init    -> runtime: {"type": "created"}               set up, about to block on the fifo
+  runtime -> init:    {"type": "ok"}                    state.json is written
+  any     -> runtime: {"type": "error", "msg": "..."}  then the sender exits 1
+An end of file in either direction means the other side died: the survivor gives up.
+
+Nothing here may return into the caller's code: every path ends in exec or os._exit. And
+nothing may be imported after pivot_root: the container's filesystem has no Python.
+"""
+
+from __future__ import annotations
+
+import array  # noqa: F401 - socket.send_fds imports it lazily, after pivot_root it cannot
+import errno
+import fcntl
+import json
+import os
+import resource
+import signal
+import socket
+import stat
+import struct
+import sys
+from typing import Any, NoReturn
+
+from . import _linux as L
+from ._errors import CorralError
+from ._spec import CAP_BITS, CAP_SETS, DEFAULT_PATH, MOUNT_FLAGS, NAMESPACES, PROPAGATION, RLIMITS
+
+DEFAULT_DEVICES = (
+    ("/dev/null", 1, 3), ("/dev/zero", 1, 5), ("/dev/full", 1, 7),
+    ("/dev/random", 1, 8), ("/dev/urandom", 1, 9), ("/dev/tty", 5, 0),
+)
+TIOCSCTTY = 0x540E
+TIOCSWINSZ = 0x5414
+TIOCGPTN = 0x80045430
+TIOCSPTLCK = 0x40045431
+SIOCGIFFLAGS = 0x8913
+SIOCSIFFLAGS = 0x8914
+
+
+def send(sock: socket.socket, msg: dict[str, Any]) -> None:
+    """One JSON message per datagram."""
+    sock.send(json.dumps(msg).encode())
+
+
+def recv(sock: socket.socket) -> dict[str, Any] | None:
+    """The next message, or None when the other side has gone."""
+    raw = sock.recv(1 << 20)
+    if not raw:
+        return None
+    msg: dict[str, Any] = json.loads(raw)
+    return msg
+
+
+def _expect_ok(sock: socket.socket) -> dict[str, Any]:
+    msg = recv(sock)
+    if msg is None or msg.get("type") != "ok":
+        os._exit(1)  # the runtime died or gave up on us: nothing to report to
+    return msg
+
+
+def _die(sock: socket.socket | None, err: BaseException) -> NoReturn:
+    if isinstance(err, CorralError):
+        text = str(err)
+    elif isinstance(err, OSError):
+        text = f"{err.strerror or err}" + (f": {err.filename}" if err.filename else "")
+        if err.strerror and ":" in err.strerror:  # ours already name the operation
+            text = err.strerror + (f" ({err.filename})" if err.filename else "")
+    else:
+        text = f"{type(err).__name__}: {err}"
+    try:
+        if sock is None:
+            raise OSError
+        send(sock, {"type": "error", "msg": text})
+    except OSError:
+        try:
+            os.write(2, f"corral: container init: {text}\n".encode())
+        except OSError:
+            pass
+    os._exit(1)
+
+
+# --- stage 1 ------------------------------------------------------------------------------
+
+
+def stage1(sock: socket.socket) -> NoReturn:
+    """Join and create namespaces, fork the init, report its pid, exit."""
+    try:
+        boot = recv(sock)
+        if boot is None:
+            os._exit(1)
+        nss = boot["config"].get("linux", {}).get("namespaces", [])
+        # Open every namespace to join first: after joining a mount namespace the paths
+        # would resolve in the container's view.
+        joins = [(ns["type"], os.open(ns["path"], os.O_RDONLY | os.O_CLOEXEC))
+                 for ns in nss if ns.get("path")]
+        new_flags = 0
+        user_new = False
+        for ns in nss:
+            if not ns.get("path"):
+                if ns["type"] == "user":
+                    user_new = True
+                else:
+                    new_flags |= NAMESPACES[ns["type"]][0]
+        for typ, fd in joins:
+            if typ == "user":
+                L.setns(fd, L.CLONE_NEWUSER)
+        if user_new:
+            L.unshare(L.CLONE_NEWUSER)
+            send(sock, {"type": "usermap"})
+            _expect_ok(sock)
+        if user_new or any(t == "user" for t, _ in joins):
+            # Become root of the user namespace (needs the maps written above).
+            os.setresgid(0, 0, 0)
+            os.setresuid(0, 0, 0)
+        for typ, fd in joins:
+            if typ != "user":
+                L.setns(fd, NAMESPACES[typ][0])
+            os.close(fd)
+        if new_flags:
+            L.unshare(new_flags)
+        pid = os.fork()
+        if pid == 0:
+            container_init(sock, boot)
+        send(sock, {"type": "pid", "pid": pid})
+    except BaseException as e:  # noqa: BLE001 - anything must end in _exit, never return
+        _die(sock, e)
+    os._exit(0)
+
+
+# --- the root filesystem -----------------------------------------------------------------
+
+
+def secure_join(root: str, unsafe: str) -> str:
+    """`root`/`unsafe` with every symlink resolved as if `root` were `/`.
+
+    Why: a mount destination inside a container image may be a symlink pointing anywhere on
+    the host (`/etc -> /host/etc`); resolving it inside `root` keeps mounts in the container.
+    """
+    parts = [p for p in unsafe.split("/") if p]
+    done: list[str] = []
+    links = 0
+    while parts:
+        p = parts.pop(0)
+        if p == ".":
+            continue
+        if p == "..":
+            if done:
+                done.pop()
+            continue
+        cur = os.path.join(root, *done, p)
+        try:
+            st = os.lstat(cur)
+        except FileNotFoundError:
+            done.append(p)
+            continue
+        if stat.S_ISLNK(st.st_mode):
+            links += 1
+            if links > 255:
+                raise CorralError(f"{unsafe}: too many levels of symbolic links")
+            target = os.readlink(cur)
+            if target.startswith("/"):
+                done = []
+            parts = [x for x in target.split("/") if x] + parts
+            continue
+        done.append(p)
+    return os.path.join(root, *done)
+
+
+def parse_mount_options(opts: list[str]) -> tuple[int, list[int], str]:
+    """(mount flags, propagation flags, filesystem data) from OCI mount options."""
+    flags = 0
+    prop: list[int] = []
+    data: list[str] = []
+    for o in opts:
+        if o in MOUNT_FLAGS:
+            clear, bit = MOUNT_FLAGS[o]
+            flags = flags & ~bit if clear else flags | bit
+        elif o in PROPAGATION:
+            prop.append(PROPAGATION[o])
+        else:
+            data.append(o)
+    return flags, prop, ",".join(data)
+
+
+_LOCKED = ((os.ST_NOSUID, L.MS_NOSUID), (os.ST_NODEV, L.MS_NODEV), (os.ST_NOEXEC, L.MS_NOEXEC),
+           (os.ST_RDONLY, L.MS_RDONLY), (os.ST_NOATIME, L.MS_NOATIME),
+           (os.ST_NODIRATIME, L.MS_NODIRATIME), (os.ST_RELATIME, L.MS_RELATIME))
+
+
+def _remount(target: str, flags: int) -> None:
+    """Bind-remount `target` with `flags`, keeping the flags the kernel locked on it.
+
+    In a user namespace the kernel refuses to clear nosuid/nodev/noexec/atime flags that the
+    source mount had; keep them, as runc does.
+    """
+    base = L.MS_REMOUNT | L.MS_BIND | (flags & ~(L.MS_BIND | L.MS_REC | L.MS_REMOUNT))
+    try:
+        L.mount(None, target, None, base)
+    except OSError as e:
+        if e.errno != errno.EPERM:
+            raise
+        fl = os.statvfs(target).f_flag
+        locked = 0
+        for st_bit, ms_bit in _LOCKED:
+            if fl & st_bit and ms_bit != L.MS_RDONLY:
+                locked |= ms_bit
+        L.mount(None, target, None, base | locked)
+
+
+def _make_target(dest: str, is_dir: bool) -> None:
+    if is_dir:
+        os.makedirs(dest, exist_ok=True)
+    else:
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        if not os.path.exists(dest):
+            os.close(os.open(dest, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o644))
+
+
+def _mount_cgroup(boot: dict[str, Any], dest: str, flags: int, new_cgroupns: bool) -> None:
+    cg = boot["cgroup"]
+    ro = flags & L.MS_RDONLY
+    os.makedirs(dest, exist_ok=True)
+    if cg.get("version") == 2:
+        if new_cgroupns:
+            L.mount("cgroup2", dest, "cgroup2", flags)
+        else:
+            L.mount(cg["path"], dest, None, L.MS_BIND | L.MS_REC)
+            _remount(dest, flags | L.MS_BIND)
+        return
+    # v1 (and hybrid): a tmpfs holding one directory per hierarchy, as runc lays it out.
+    L.mount("tmpfs", dest, "tmpfs", flags & ~L.MS_RDONLY, "mode=755")
+    for key, host_dir in cg["paths"].items():
+        sub = os.path.join(dest, os.path.basename(cg["mounts"][key]))
+        os.makedirs(sub, exist_ok=True)
+        if new_cgroupns:
+            data = ",".join(c if c != "" else "none" for c in key.split(","))
+            if key.startswith("name="):
+                data = "none," + key
+            L.mount("cgroup", sub, "cgroup", flags, data)
+        else:
+            L.mount(host_dir, sub, None, L.MS_BIND | L.MS_REC)
+            _remount(sub, flags | L.MS_BIND)
+    if cg.get("unified"):
+        sub = os.path.join(dest, "unified")
+        os.makedirs(sub, exist_ok=True)
+        if new_cgroupns:
+            L.mount("cgroup2", sub, "cgroup2", flags)
+        else:
+            L.mount(cg["unified"], sub, None, L.MS_BIND | L.MS_REC)
+            _remount(sub, flags | L.MS_BIND)
+    if ro:
+        L.mount(None, dest, None, L.MS_REMOUNT | flags, "mode=755")
+
+
+def _mount_one(boot: dict[str, Any], rootfs: str, m: dict[str, Any], new_cgroupns: bool) -> None:
+    dest = secure_join(rootfs, m["destination"])
+    typ = m.get("type") or ""
+    opts = m.get("options") or []
+    flags, prop, data = parse_mount_options(opts)
+    if typ == "bind" or flags & L.MS_BIND:
+        src = m["source"]
+        if not src.startswith("/"):
+            src = os.path.join(boot["bundle"], src)
+        try:
+            is_dir = os.path.isdir(src)
+            os.stat(src)
+        except FileNotFoundError:
+            raise CorralError(f"mount {m['destination']}: source {src} does not exist") from None
+        _make_target(dest, is_dir)
+        L.mount(src, dest, None, L.MS_BIND | (flags & L.MS_REC))
+        if flags & ~(L.MS_BIND | L.MS_REC | L.MS_REMOUNT):
+            _remount(dest, flags)
+    elif typ == "cgroup":
+        _mount_cgroup(boot, dest, flags, new_cgroupns)
+    else:
+        os.makedirs(dest, exist_ok=True)
+        L.mount(m.get("source") or typ, dest, typ or None, flags, data or None)
+    for p in prop:
+        L.mount(None, dest, None, p)
+
+
+def _in_userns(boot: dict[str, Any]) -> bool:
+    return any(ns.get("type") == "user" for ns in boot["config"]["linux"].get("namespaces", []))
+
+
+def _create_devices(boot: dict[str, Any], rootfs: str) -> None:
+    cfg = boot["config"]
+    devices: list[dict[str, Any]] = [
+        {"path": p, "type": "c", "major": ma, "minor": mi, "fileMode": 0o666, "uid": 0, "gid": 0}
+        for p, ma, mi in DEFAULT_DEVICES
+    ]
+    listed = {d["path"] for d in cfg["linux"].get("devices", [])}
+    devices = [d for d in devices if d["path"] not in listed] + list(
+        cfg["linux"].get("devices", []))
+    userns = _in_userns(boot)
+    for d in devices:
+        dest = secure_join(rootfs, d["path"])
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        if userns:
+            # mknod is refused in a user namespace: bind the host's node instead.
+            _make_target(dest, False)
+            L.mount(d["path"], dest, None, L.MS_BIND)
+            continue
+        kind = {"c": stat.S_IFCHR, "u": stat.S_IFCHR, "b": stat.S_IFBLK, "p": stat.S_IFIFO}[
+            d["type"]]
+        try:
+            os.unlink(dest)
+        except FileNotFoundError:
+            pass
+        os.mknod(dest, kind | (d.get("fileMode", 0o666) & 0o7777),
+                 os.makedev(d.get("major", 0), d.get("minor", 0)))
+        os.chown(dest, d.get("uid", 0), d.get("gid", 0))
+    for link, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2"),
+                         ("core", "/proc/kcore"), ("ptmx", "pts/ptmx")):
+        if link == "core" and not os.path.exists("/proc/kcore"):
+            continue
+        dest = os.path.join(secure_join(rootfs, "/dev"), link)
+        if link == "ptmx" or os.path.islink(dest):
+            try:
+                os.unlink(dest)
+            except FileNotFoundError:
+                pass
+        try:
+            os.symlink(target, dest)
+        except FileExistsError:
+            pass
+
+
+def _setup_rootfs(boot: dict[str, Any]) -> None:
+    cfg = boot["config"]
+    rootfs = boot["rootfs"]
+    lx = cfg["linux"]
+    prop = PROPAGATION.get(lx.get("rootfsPropagation", ""), L.MS_SLAVE | L.MS_REC)
+    L.mount(None, "/", None, prop)
+    L.mount(rootfs, rootfs, None, L.MS_BIND | L.MS_REC)
+    new_cgroupns = any(ns.get("type") == "cgroup" and not ns.get("path")
+                       for ns in lx.get("namespaces", []))
+    mounts = cfg.get("mounts") or []
+    for m in mounts:
+        _mount_one(boot, rootfs, m, new_cgroupns)
+    dev_bound = any(m["destination"].rstrip("/") == "/dev" and (
+        m.get("type") == "bind" or {"bind", "rbind"} & set(m.get("options") or []))
+        for m in mounts)
+    if not dev_bound:
+        _create_devices(boot, rootfs)
+    cwd = secure_join(rootfs, cfg["process"]["cwd"])
+    try:
+        os.makedirs(cwd, 0o755, exist_ok=True)
+    except OSError:
+        pass  # a read-only image: chdir reports it if the directory is really missing
+
+
+def _pivot(rootfs: str, no_pivot: bool) -> None:
+    if no_pivot:
+        os.chdir(rootfs)
+        L.mount(rootfs, "/", None, L.MS_MOVE)
+        os.chroot(".")
+        os.chdir("/")
+        return
+    old = os.open("/", os.O_DIRECTORY | os.O_RDONLY | os.O_CLOEXEC)
+    new = os.open(rootfs, os.O_DIRECTORY | os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fchdir(new)
+        L.pivot_root(".", ".")
+        # The old root is now stacked under the new one: detach it, never propagating.
+        os.fchdir(old)
+        L.mount(None, ".", None, L.MS_SLAVE | L.MS_REC)
+        L.umount2(".", L.MNT_DETACH)
+        os.chdir("/")
+    finally:
+        os.close(old)
+        os.close(new)
+
+
+# --- inside the container -----------------------------------------------------------------
+
+
+def _loopback_up() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        req = struct.pack("16sH14x", b"lo", 0)
+        flags = struct.unpack("16sH14x", fcntl.ioctl(s.fileno(), SIOCGIFFLAGS, req))[1]
+        fcntl.ioctl(s.fileno(), SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | 1))
+
+
+def _setup_console(boot: dict[str, Any]) -> None:
+    """Make a pty, put its slave on stdio and /dev/console, send its master to the caller."""
+    proc = boot["config"]["process"]
+    master = os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    fcntl.ioctl(master, TIOCSPTLCK, struct.pack("i", 0))
+    n = struct.unpack("I", fcntl.ioctl(master, TIOCGPTN, struct.pack("I", 0)))[0]
+    slave_path = f"/dev/pts/{n}"
+    slave = os.open(slave_path, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    user = proc.get("user") or {}
+    os.fchown(slave, user.get("uid", 0), user.get("gid", 0))
+    size = proc.get("consoleSize")
+    if size:
+        fcntl.ioctl(slave, TIOCSWINSZ, struct.pack("HHHH", size.get("height", 0),
+                                                   size.get("width", 0), 0, 0))
+    try:
+        _make_target("/dev/console", False)
+        L.mount(slave_path, "/dev/console", None, L.MS_BIND)
+    except OSError:
+        pass  # no writable /dev: the process still gets the pty on its stdio
+    csock = socket.socket(fileno=boot["console_fd"])
+    socket.send_fds(csock, [slave_path.encode()], [master])
+    csock.close()
+    os.close(master)
+    for fd in (0, 1, 2):
+        os.dup2(slave, fd)
+    os.close(slave)
+    fcntl.ioctl(0, TIOCSCTTY, 0)
+
+
+def _mask_and_readonly(lx: dict[str, Any]) -> None:
+    for p in lx.get("readonlyPaths", []):
+        try:
+            L.mount(p, p, None, L.MS_BIND | L.MS_REC)
+        except FileNotFoundError:
+            continue
+        _remount(p, L.MS_RDONLY | L.MS_REC)
+    for p in lx.get("maskedPaths", []):
+        try:
+            if os.path.isdir(p) and not os.path.islink(p):
+                L.mount("tmpfs", p, "tmpfs", L.MS_RDONLY)
+            else:
+                L.mount("/dev/null", p, None, L.MS_BIND)
+        except FileNotFoundError:
+            continue
+
+
+def _lookup(args0: str, env: list[str], cwd: str) -> str:
+    if "/" in args0:
+        path = args0 if args0.startswith("/") else os.path.join(cwd, args0)
+        if not os.path.isfile(path):
+            raise CorralError(f"exec: {args0!r}: no such file or directory")
+        if not os.access(path, os.X_OK):
+            raise CorralError(f"exec: {args0!r}: permission denied")
+        return path
+    search = DEFAULT_PATH
+    for e in env:
+        if e.startswith("PATH="):
+            search = e[5:]
+    for d in search.split(":"):
+        cand = os.path.join(d or ".", args0)
+        if os.path.isfile(cand) and os.access(cand, os.X_OK):
+            return cand
+    raise CorralError(f"exec: {args0!r}: executable file not found in $PATH")
+
+
+def _home(uid: int) -> str:
+    try:
+        with open("/etc/passwd") as f:
+            for line in f:
+                fields = line.rstrip("\n").split(":")
+                if len(fields) >= 6 and fields[2] == str(uid):
+                    return fields[5]
+    except OSError:
+        pass
+    return "/"
+
+
+def _cap_mask(names: list[str]) -> int:
+    mask = 0
+    for n in names:
+        n = n.upper()
+        mask |= 1 << CAP_BITS[n if n.startswith("CAP_") else "CAP_" + n]
+    return mask
+
+
+def finalize_process(proc: dict[str, Any], preserve_fds: int) -> dict[str, Any]:
+    """Drop to the process's user and capabilities; return what exec needs.
+
+    Order (runc's): bounding set, keep-caps, groups and ids, the other capability sets,
+    ambient, no_new_privs. Shared with `exec` (issue 4).
+    """
+    user = proc.get("user") or {}
+    uid, gid = user.get("uid", 0), user.get("gid", 0)
+    caps = proc.get("capabilities")
+    last = L.cap_last_cap()
+    if caps is not None:
+        bounding = _cap_mask(caps.get("bounding", []))
+        for cap in range(last + 1):
+            if not bounding & (1 << cap):
+                try:
+                    L.prctl(L.PR_CAPBSET_DROP, cap)
+                except OSError as e:
+                    if e.errno != errno.EINVAL:
+                        raise
+    L.prctl(L.PR_SET_KEEPCAPS, 1)
+    os.setgroups(list(user.get("additionalGids", [])))
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    L.prctl(L.PR_SET_KEEPCAPS, 0)
+    if caps is not None:
+        masks = {s: _cap_mask(caps.get(s, [])) for s in CAP_SETS}
+        L.capset(masks["effective"], masks["permitted"], masks["inheritable"])
+        L.prctl(L.PR_CAP_AMBIENT, L.PR_CAP_AMBIENT_CLEAR_ALL)
+        for cap in range(last + 1):
+            if masks["ambient"] & (1 << cap):
+                try:
+                    L.prctl(L.PR_CAP_AMBIENT, L.PR_CAP_AMBIENT_RAISE, cap)
+                except OSError as e:
+                    # Ambient needs the cap in permitted and inheritable; runc's default spec
+                    # lists ambient without inheritable, so this is expected and harmless.
+                    if e.errno != errno.EPERM:
+                        raise
+    if proc.get("noNewPrivileges"):
+        L.prctl(L.PR_SET_NO_NEW_PRIVS, 1)
+    os.umask(user.get("umask", 0o022))
+    env = list(proc.get("env") or [])
+    if not any(e.startswith("HOME=") for e in env):
+        env.append(f"HOME={_home(uid)}")
+    return {"env": env, "preserve_fds": preserve_fds}
+
+
+def exec_process(path: str, args: list[str], env: list[str], preserve_fds: int) -> NoReturn:
+    """Reset what Python changed in this process, mark extra fds CLOEXEC, exec."""
+    for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT):
+        signal.signal(sig, signal.SIG_DFL)  # Python ignores these; exec keeps SIG_IGN
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    L.close_range_cloexec(3 + preserve_fds)
+    os.execve(path, args, dict(e.split("=", 1) for e in env))
+
+
+def _apply_rlimits(proc: dict[str, Any]) -> None:
+    for r in proc.get("rlimits", []):
+        soft, hard = r.get("soft", 0), r.get("hard", 0)
+        inf = resource.RLIM_INFINITY
+        try:
+            resource.setrlimit(RLIMITS[r["type"]], (inf if soft >= 2**63 else soft,
+                                                    inf if hard >= 2**63 else hard))
+        except (ValueError, OSError) as e:
+            raise CorralError(f"process.rlimits: {r['type']} {soft}/{hard}: {e} "
+                              "(raising a hard limit needs CAP_SYS_RESOURCE)") from None
+
+
+def container_init(sock: socket.socket, boot: dict[str, Any]) -> NoReturn:
+    """Pid 1 of the container: set everything up, wait for start, exec."""
+    try:
+        cfg = boot["config"]
+        proc = cfg["process"]
+        lx = cfg["linux"]
+        os.setsid()
+        os.umask(0)
+        if any(ns["type"] == "network" and not ns.get("path") for ns in lx.get("namespaces", [])):
+            _loopback_up()
+        _setup_rootfs(boot)
+        fifo = os.open(boot["fifo"], os.O_RDWR | os.O_CLOEXEC)
+        send(sock, {"type": "hooks"})
+        state = _expect_ok(sock).get("state", {})
+        from ._hooks import run_hooks
+
+        if (cfg.get("hooks") or {}).get("startContainer"):
+            import subprocess  # noqa: F401 - needed after pivot_root, when imports fail
+
+        run_hooks(cfg, "createContainer", state)
+        _pivot(boot["rootfs"], boot["no_pivot"])
+        if proc.get("terminal"):
+            _setup_console(boot)
+        _mask_and_readonly(lx)
+        for k, v in lx.get("sysctl", {}).items():
+            with open("/proc/sys/" + k.replace(".", "/"), "w") as f:
+                f.write(v)
+        if cfg["root"].get("readonly"):
+            _remount("/", L.MS_RDONLY | L.MS_BIND)
+        if cfg.get("hostname"):
+            L.sethostname(cfg["hostname"])
+        if cfg.get("domainname"):
+            L.setdomainname(cfg["domainname"])
+        _apply_rlimits(proc)
+        if "oomScoreAdj" in proc:
+            with open("/proc/self/oom_score_adj", "w") as f:
+                f.write(str(proc["oomScoreAdj"]))
+        try:
+            os.chdir(proc["cwd"])
+        except OSError as e:
+            raise CorralError(f"process.cwd: {proc['cwd']}: {e.strerror}") from None
+        path = _lookup(proc["args"][0], proc.get("env") or [], proc["cwd"])
+        send(sock, {"type": "created"})
+        _expect_ok(sock)
+        sock.close()
+    except BaseException as e:  # noqa: BLE001 - must end in _exit, never return
+        _die(sock, e)
+    try:
+        # Blocks until `start` writes a byte. The fifo is open O_RDWR, so it never reads EOF.
+        while not os.read(fifo, 1):
+            pass
+        os.close(fifo)
+        run_hooks(cfg, "startContainer", state)
+        done = finalize_process(proc, boot["preserve_fds"])
+        sys.stdout.flush()
+        exec_process(path, proc["args"], done["env"], boot["preserve_fds"])
+    except BaseException as e:  # noqa: BLE001
+        _die(None, e)

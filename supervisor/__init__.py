@@ -1,0 +1,1 @@
+"""The corral supervisor daemon (corrald); arrives with issue 5."""
