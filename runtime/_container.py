@@ -137,11 +137,13 @@ def create_container(root: Root, cid: str, opts: CreateOptions, log: Log = NULL,
     mgr = None
     stage1 = init = 0
     console: socket.socket | None = None
+    fifo = -1
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     state = State(d, {"id": cid, "bundle": bundle, "rootfs": rootfs, "created": rfc3339_now(),
                       "annotations": cfg.get("annotations") or {}, "config": cfg})
     try:
         os.mkfifo(os.path.join(d, FIFO), 0o600)
+        fifo = os.open(os.path.join(d, FIFO), os.O_RDWR | os.O_CLOEXEC)
         mgr = new_manager(cfg["linux"].get("cgroupsPath"), cid, opts.systemd_cgroup)
         try:
             mgr.create()
@@ -169,7 +171,7 @@ def create_container(root: Root, cid: str, opts: CreateOptions, log: Log = NULL,
         mgr.add_pid(stage1)
         _init.send(parent, {
             "type": "bootstrap", "config": cfg, "rootfs": rootfs, "bundle": bundle,
-            "fifo": os.path.join(d, FIFO), "no_pivot": opts.no_pivot,
+            "fifo_fd": fifo, "no_pivot": opts.no_pivot,
             "preserve_fds": opts.preserve_fds, "cgroup": state.cgroup,
             "console_fd": console.fileno() if console else -1,
         })
@@ -219,6 +221,8 @@ def create_container(root: Root, cid: str, opts: CreateOptions, log: Log = NULL,
         child.close()
         if console is not None:
             console.close()
+        if fifo >= 0:
+            os.close(fifo)
         lock.__exit__()
 
 

@@ -139,7 +139,7 @@ def stage1(sock: socket.socket) -> NoReturn:
         if pid == 0:
             container_init(sock, boot)
         send(sock, {"type": "pid", "pid": pid})
-    except BaseException as e:  # noqa: BLE001 - anything must end in _exit, never return
+    except BaseException as e:  # anything must end in _exit, never return
         _die(sock, e)
     os._exit(0)
 
@@ -563,7 +563,6 @@ def container_init(sock: socket.socket, boot: dict[str, Any]) -> NoReturn:
         if any(ns["type"] == "network" and not ns.get("path") for ns in lx.get("namespaces", [])):
             _loopback_up()
         _setup_rootfs(boot)
-        fifo = os.open(boot["fifo"], os.O_RDWR | os.O_CLOEXEC)
         send(sock, {"type": "hooks"})
         state = _expect_ok(sock).get("state", {})
         from ._hooks import run_hooks
@@ -597,10 +596,13 @@ def container_init(sock: socket.socket, boot: dict[str, Any]) -> NoReturn:
         send(sock, {"type": "created"})
         _expect_ok(sock)
         sock.close()
-    except BaseException as e:  # noqa: BLE001 - must end in _exit, never return
+    except BaseException as e:  # must end in _exit, never return
         _die(sock, e)
     try:
-        # Blocks until `start` writes a byte. The fifo is open O_RDWR, so it never reads EOF.
+        # Blocks until `start` writes a byte. The runtime opened the fifo O_RDWR for us before
+        # the fork (a uid-mapped init could not open it in the root-only state directory),
+        # so it never reads end of file.
+        fifo = boot["fifo_fd"]
         while not os.read(fifo, 1):
             pass
         os.close(fifo)
@@ -608,5 +610,5 @@ def container_init(sock: socket.socket, boot: dict[str, Any]) -> NoReturn:
         done = finalize_process(proc, boot["preserve_fds"])
         sys.stdout.flush()
         exec_process(path, proc["args"], done["env"], boot["preserve_fds"])
-    except BaseException as e:  # noqa: BLE001
+    except BaseException as e:
         _die(None, e)

@@ -308,11 +308,14 @@ class Runtime:
         pass_fds: Sequence[int] = (),
     ) -> subprocess.CompletedProcess[str]:
         sargs = [str(a) for a in args]
-        if sargs and sargs[0] in _CONTAINER_CREATING and len(sargs) > 1:
-            if not sargs[-1].startswith("-"):
-                self.record(sargs[-1])
+        if len(sargs) > 1 and sargs[0] in _CONTAINER_CREATING and not sargs[-1].startswith("-"):
+            self.record(sargs[-1])
         return self.raw(
-            self.argv(*sargs), input=input, check=check, timeout=timeout, cwd=cwd,
+            self.argv(*sargs),
+            input=input,
+            check=check,
+            timeout=timeout,
+            cwd=cwd,
             pass_fds=pass_fds,
         )
 
@@ -392,8 +395,9 @@ class Runtime:
         """`run` a fresh container in a fresh bundle; return (exit status, stdout, stderr)."""
         bundle = self.make_bundle(args=args, changes=config_changes)
         cid = self.new_id()
-        res = self("run", "--bundle", bundle.path, *extra, cid, input=input, check=False,
-                   timeout=timeout)
+        res = self(
+            "run", "--bundle", bundle.path, *extra, cid, input=input, check=False, timeout=timeout
+        )
         return res.returncode, res.stdout, res.stderr
 
 
@@ -403,8 +407,8 @@ class Runtime:
 
 
 def _unescape_mountinfo(s: str) -> str:
-    return s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace(
-        "\\134", "\\"
+    return (
+        s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
     )
 
 
@@ -454,9 +458,13 @@ def processes_of(ids: Sequence[str], rootfs: Path) -> dict[int, str]:
         if not entry.isdigit() or int(entry) == me:
             continue
         try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(
-                errors="replace"
-            ).strip()
+            cmdline = (
+                Path(f"/proc/{entry}/cmdline")
+                .read_bytes()
+                .replace(b"\0", b" ")
+                .decode(errors="replace")
+                .strip()
+            )
         except OSError:
             continue
         if not cmdline:  # zombies and kernel threads

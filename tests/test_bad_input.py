@@ -90,8 +90,11 @@ def test_run_with_bad_config(rt, bundle):
 # -- ids -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("bad_id", ["../x", "a/b", "", ".", "..", "a" * 300],
-                         ids=["dotdot-x", "slash", "empty", "dot", "dotdot", "300-chars"])
+@pytest.mark.parametrize(
+    "bad_id",
+    ["../x", "a/b", "", ".", "..", "a" * 300],
+    ids=["dotdot-x", "slash", "empty", "dot", "dotdot", "300-chars"],
+)
 def test_malformed_ids(rt, bundle, state_root, bad_id, is_runc):
     bundle.set_args(*SLEEP)
     res = rt("create", "--bundle", bundle.path, bad_id, check=False)
@@ -157,8 +160,9 @@ def test_kill_unknown_signal(rt, bundle):
     rt("delete", "--force", cid)
 
 
-@pytest.mark.parametrize("command", [("state",), ("kill",), ("kill", "KILL"), ("delete",),
-                                     ("start",)])
+@pytest.mark.parametrize(
+    "command", [("state",), ("kill",), ("kill", "KILL"), ("delete",), ("start",)]
+)
 def test_unknown_id(rt, command, is_runc):
     cid = rt.new_id()
     res = rt(command[0], cid, *command[1:], check=False)

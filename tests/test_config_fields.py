@@ -12,8 +12,12 @@ import pytest
 
 pytestmark = pytest.mark.root
 
-TMPFS_TMP = {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
-             "options": ["nosuid", "nodev", "mode=1777", "size=1m"]}
+TMPFS_TMP = {
+    "destination": "/tmp",
+    "type": "tmpfs",
+    "source": "tmpfs",
+    "options": ["nosuid", "nodev", "mode=1777", "size=1m"],
+}
 
 
 def run_ok(rt, changes, script):
@@ -32,6 +36,7 @@ def set_namespaces(*types, **paths):
         nss = [{"type": t} for t in types]
         nss += [{"type": t, "path": p} for t, p in paths.items()]
         c["linux"]["namespaces"] = nss
+
     return change
 
 
@@ -39,6 +44,7 @@ def compose(*changes):
     def change(c):
         for ch in changes:
             ch(c)
+
     return change
 
 
@@ -174,7 +180,7 @@ def test_user_namespace_mappings(rt):
 def test_tmpfs_mount_options(rt):
     out = run_ok(rt, add_mount(TMPFS_TMP), "grep ' /tmp ' /proc/mounts; touch /tmp/x && echo ok")
     line, ok = out.splitlines()
-    source, dest, fstype, options = line.split()[:4]
+    _source, dest, fstype, options = line.split()[:4]
     assert (dest, fstype) == ("/tmp", "tmpfs")
     opts = options.split(",")
     assert {"rw", "nosuid", "nodev", "size=1024k"} <= set(opts)
@@ -185,11 +191,12 @@ def test_bind_mount_readonly(rt, tmp_path):
     host = tmp_path / "ro"
     host.mkdir()
     (host / "f").write_text("host-content\n")
-    mount = {"destination": "/ro", "type": "bind", "source": str(host),
-             "options": ["rbind", "ro"]}
-    out = run_ok(rt, add_mount(mount),
-                 "cat /ro/f; if touch /ro/new 2>/dev/null; then echo writable; "
-                 "else echo readonly; fi")
+    mount = {"destination": "/ro", "type": "bind", "source": str(host), "options": ["rbind", "ro"]}
+    out = run_ok(
+        rt,
+        add_mount(mount),
+        "cat /ro/f; if touch /ro/new 2>/dev/null; then echo writable; else echo readonly; fi",
+    )
     assert out.splitlines() == ["host-content", "readonly"]
     assert not (host / "new").exists()
 
@@ -197,15 +204,13 @@ def test_bind_mount_readonly(rt, tmp_path):
 def test_bind_mount_readwrite(rt, tmp_path):
     host = tmp_path / "rw"
     host.mkdir()
-    mount = {"destination": "/rw", "type": "bind", "source": str(host),
-             "options": ["rbind", "rw"]}
+    mount = {"destination": "/rw", "type": "bind", "source": str(host), "options": ["rbind", "rw"]}
     run_ok(rt, add_mount(mount), "echo from-container > /rw/new")
     assert (host / "new").read_text() == "from-container\n"
 
 
 def test_readonly_root(rt):
-    out = run_ok(rt, None,
-                 "if touch /x 2>/dev/null; then echo writable; else echo readonly; fi")
+    out = run_ok(rt, None, "if touch /x 2>/dev/null; then echo writable; else echo readonly; fi")
     assert out == "readonly\n"
 
 
@@ -214,7 +219,8 @@ def test_masked_paths(rt):
     # and a missing masked path (like /proc/no-such-file) is not an error.
     masked = ["/proc/cmdline", "/proc/keys", "/proc/acpi", "/proc/no-such-file"]
     out = run_ok(
-        rt, {"linux": {"maskedPaths": masked}},
+        rt,
+        {"linux": {"maskedPaths": masked}},
         "wc -c < /proc/cmdline; wc -c < /proc/keys; ls -A /proc/acpi 2>/dev/null | wc -l",
     )
     assert out.split() == ["0", "0", "0"]
@@ -222,7 +228,8 @@ def test_masked_paths(rt):
 
 def test_readonly_paths(rt):
     out = run_ok(
-        rt, None,
+        rt,
+        None,
         "if echo x 2>/dev/null > /proc/sys/kernel/domainname; then echo writable; "
         "else echo readonly; fi; grep ' /proc/sys ' /proc/mounts",
     )
@@ -232,8 +239,9 @@ def test_readonly_paths(rt):
 
 
 def test_sysctl(rt):
-    out = run_ok(rt, {"linux": {"sysctl": {"net.ipv4.ip_forward": "1"}}},
-                 "cat /proc/sys/net/ipv4/ip_forward")
+    out = run_ok(
+        rt, {"linux": {"sysctl": {"net.ipv4.ip_forward": "1"}}}, "cat /proc/sys/net/ipv4/ip_forward"
+    )
     assert out == "1\n"
 
 
@@ -241,7 +249,8 @@ def test_default_devices(rt):
     script = (
         "for d in /dev/null /dev/zero /dev/full /dev/random /dev/urandom /dev/tty; do "
         "  [ -c $d ] && echo char $d; done; "
-        "for l in /dev/fd /dev/stdin /dev/stdout /dev/stderr; do echo link $l $(readlink $l); done; "
+        "for l in /dev/fd /dev/stdin /dev/stdout /dev/stderr; do "
+        "  echo link $l $(readlink $l); done; "
         "[ -e /dev/ptmx ] && echo ptmx; "
         "grep ' /dev/pts ' /proc/mounts; "
         "head -c 4 /dev/zero | wc -c; echo x > /dev/null && echo null-ok"
@@ -279,8 +288,7 @@ def test_args0_looked_up_on_path(rt):
 
 
 def test_no_pivot(rt):
-    rc, out, err = rt.run_container(None, ["sh", "-c", "echo pivot-ok; ls /"],
-                                    extra=["--no-pivot"])
+    rc, out, err = rt.run_container(None, ["sh", "-c", "echo pivot-ok; ls /"], extra=["--no-pivot"])
     assert rc == 0, err
     assert out.splitlines()[0] == "pivot-ok"
     assert "bin" in out.split()
@@ -305,8 +313,13 @@ def test_preserve_fds(rt, make_bundle, tmp_path):
     b = make_bundle(args=("sh", "-c", "cat <&3; ls /proc/$$/fd; true"))
     cid = rt.new_id()
     # The shell opens the file as fd 3 and then execs the runtime.
-    argv = ["/bin/sh", "-c", 'exec "$@" 3<"$0"', str(data),
-            *rt.argv("run", "--preserve-fds", "1", "--bundle", b.path, cid)]
+    argv = [
+        "/bin/sh",
+        "-c",
+        'exec "$@" 3<"$0"',
+        str(data),
+        *rt.argv("run", "--preserve-fds", "1", "--bundle", b.path, cid),
+    ]
     res = rt.raw(argv)
     lines = res.stdout.splitlines()
     assert lines[0] == "preserved-fd-content"
@@ -318,8 +331,13 @@ def test_fd3_not_passed_without_preserve_fds(rt, make_bundle, tmp_path):
     data.write_text("must-not-leak\n")
     b = make_bundle(args=("sh", "-c", "ls /proc/$$/fd; true"))
     cid = rt.new_id()
-    argv = ["/bin/sh", "-c", 'exec "$@" 3<"$0"', str(data),
-            *rt.argv("run", "--bundle", b.path, cid)]
+    argv = [
+        "/bin/sh",
+        "-c",
+        'exec "$@" 3<"$0"',
+        str(data),
+        *rt.argv("run", "--bundle", b.path, cid),
+    ]
     res = rt.raw(argv)
     assert sorted(res.stdout.split(), key=int) == ["0", "1", "2"]
 
@@ -330,9 +348,7 @@ def test_fd3_not_passed_without_preserve_fds(rt, make_bundle, tmp_path):
 def make_hook(tmp_path, log, name, exit_status=0):
     script = tmp_path / f"hook-{name}.sh"
     script.write_text(
-        "#!/bin/sh\n"
-        f'{{ echo "HOOK $1"; cat; echo; }} >> "{log}"\n'
-        f"exit {exit_status}\n"
+        f'#!/bin/sh\n{{ echo "HOOK $1"; cat; echo; }} >> "{log}"\nexit {exit_status}\n'
     )
     script.chmod(0o755)
     return {"path": str(script), "args": [script.name, name]}
@@ -395,8 +411,10 @@ def test_failing_create_runtime_hook(rt, make_bundle, tmp_path):
 
 def test_failing_poststart_hook_is_a_warning(rt, make_bundle, tmp_path, is_runc):
     if is_runc:
-        pytest.xfail("runc 1.1 runs poststart hooks during create and fails create when one "
-                     "fails; the OCI spec asks start for a warning only")
+        pytest.xfail(
+            "runc 1.1 runs poststart hooks during create and fails create when one "
+            "fails; the OCI spec asks start for a warning only"
+        )
     log = tmp_path / "hooks.log"
     hooks = {"poststart": [make_hook(tmp_path, log, "poststart", exit_status=1)]}
     b = make_bundle(args=("sleep", "30"), changes={"hooks": hooks})
@@ -432,8 +450,10 @@ def test_terminal_console_socket(rt, make_bundle, tmp_path):
 
     t = threading.Thread(target=accept)
     t.start()
-    b = make_bundle(args=("sh", "-c", "echo hello-from-tty; tty; sleep 30"),
-                    changes={"process": {"terminal": True}})
+    b = make_bundle(
+        args=("sh", "-c", "echo hello-from-tty; tty; sleep 30"),
+        changes={"process": {"terminal": True}},
+    )
     try:
         cid = rt.create(b, "--console-socket", str(sock_path))
     finally:
