@@ -14,9 +14,12 @@ from __future__ import annotations
 import errno
 import os
 import time
-from typing import Any, Protocol
 
 from ._errors import CorralError
+
+TYPE_CHECKING = False  # typing costs ~4 ms to import; mypy honours this name
+if TYPE_CHECKING:
+    from typing import Any
 
 CGROUP_ROOT = "/sys/fs/cgroup"
 
@@ -135,21 +138,41 @@ def _read_pids(path: str) -> list[int]:
         return []
 
 
-class Manager(Protocol):
-    """What the runtime needs from a cgroup implementation (issue 3 extends it)."""
+class Manager:
+    """What the runtime needs from a cgroup implementation, whatever the version.
 
-    version: int
+    A plain base class rather than a typing.Protocol: importing typing would cost every
+    `corral` command ~4 ms.
+    """
 
-    def create(self) -> None: ...
-    def add_pid(self, pid: int) -> None: ...
-    def pids(self) -> list[int]: ...
-    def frozen(self) -> bool: ...
-    def destroy(self) -> None: ...
-    def to_state(self) -> dict[str, Any]: ...
-    def container_dir(self, key: str) -> str | None: ...
+    version = 0
+
+    def create(self) -> None:
+        """Make the container's directories (recording which ones corral made)."""
+        raise NotImplementedError
+
+    def add_pid(self, pid: int) -> None:
+        """Move a process into the container's cgroup(s)."""
+        raise NotImplementedError
+
+    def pids(self) -> list[int]:
+        """Every process in the container's cgroup."""
+        raise NotImplementedError
+
+    def frozen(self) -> bool:
+        """True while the cgroup is frozen (paused)."""
+        raise NotImplementedError
+
+    def destroy(self) -> None:
+        """Remove the directories corral made, and nothing else."""
+        raise NotImplementedError
+
+    def to_state(self) -> dict[str, Any]:
+        """What state.json keeps to rebuild this manager."""
+        raise NotImplementedError
 
 
-class V1Manager:
+class V1Manager(Manager):
     """cgroup v1 (and hybrid): one directory per mounted hierarchy."""
 
     version = 1
@@ -202,15 +225,12 @@ class V1Manager:
     def destroy(self) -> None:
         _rmdirs(self.created)
 
-    def container_dir(self, key: str) -> str | None:
-        return self.paths.get(key)
-
     def to_state(self) -> dict[str, Any]:
         return {"version": 1, "paths": self.paths, "mounts": self.mounts,
                 "created": self.created, "unified": self.unified}
 
 
-class V2Manager:
+class V2Manager(Manager):
     """cgroup v2: one directory in the unified tree, controllers enabled along its path."""
 
     version = 2
@@ -263,9 +283,6 @@ class V2Manager:
 
     def destroy(self) -> None:
         _rmdirs(self.created)
-
-    def container_dir(self, key: str) -> str | None:
-        return self.path
 
     def to_state(self) -> dict[str, Any]:
         return {"version": 2, "path": self.path, "created": self.created}

@@ -14,11 +14,14 @@ import json
 import os
 import sys
 from collections.abc import Callable
-from typing import Any
 
 from ._errors import CorralError
 from ._log import Log
 from ._state import DEFAULT_ROOT, Root
+
+TYPE_CHECKING = False  # typing costs ~4 ms to import; mypy honours this name
+if TYPE_CHECKING:
+    from typing import Any
 
 VERSION = "0.1.0"
 

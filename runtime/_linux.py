@@ -158,6 +158,22 @@ def capget() -> tuple[int, int, int]:
     return e0 | e1 << 32, p0 | p1 << 32, i0 | i1 << 32
 
 
+_SYS_KEYCTL = {"x86_64": 250, "aarch64": 219}.get(os.uname().machine)
+KEYCTL_JOIN_SESSION_KEYRING = 1
+
+
+def join_session_keyring(name: str) -> None:
+    """keyctl(KEYCTL_JOIN_SESSION_KEYRING): give the container a session keyring of its own.
+
+    Why: without it the container shares the caller's session keyring (runc makes one per
+    container unless --no-new-keyring). glibc has no wrapper; the syscall number is per arch.
+    """
+    if _SYS_KEYCTL is None:
+        return
+    _libc.syscall.restype = ctypes.c_long
+    _check(_libc.syscall(_SYS_KEYCTL, KEYCTL_JOIN_SESSION_KEYRING, _b(name)), "keyctl")
+
+
 def cap_last_cap() -> int:
     """The highest capability number this kernel knows."""
     with open("/proc/sys/kernel/cap_last_cap") as f:

@@ -1,0 +1,64 @@
+"""`corral run` with a terminal and no console socket: copy between a pty master and stdio."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import select
+import signal
+import sys
+import termios
+import tty
+
+TIOCGWINSZ = 0x5413
+TIOCSWINSZ = 0x5414
+
+
+def _copy_winsize(master: int) -> None:
+    try:
+        size = fcntl.ioctl(0, TIOCGWINSZ, b"\0" * 8)
+        fcntl.ioctl(master, TIOCSWINSZ, size)
+    except OSError:
+        pass
+
+
+def proxy(master: int) -> None:
+    """Copy stdin to the container's terminal and its output to stdout until it closes.
+
+    Our own terminal (if stdin is one) goes raw for the duration, so that keys like ^C reach
+    the container's line discipline instead of signalling us; it is restored on the way out.
+    """
+    saved = None
+    if os.isatty(0):
+        saved = termios.tcgetattr(0)
+        tty.setraw(0)
+        _copy_winsize(master)
+        signal.signal(signal.SIGWINCH, lambda *_: _copy_winsize(master))
+    out = sys.stdout.fileno()
+    watch = [master, 0]
+    try:
+        while True:
+            try:
+                ready, _, _ = select.select(watch, [], [])
+            except InterruptedError:
+                continue
+            if master in ready:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:  # EIO: every slave fd is closed, the container is done
+                    break
+                if not data:
+                    break
+                os.write(out, data)
+            if 0 in ready:
+                data = os.read(0, 65536)
+                if not data:
+                    watch = [master]
+                else:
+                    os.write(master, data)
+    finally:
+        if saved is not None:
+            termios.tcsetattr(0, termios.TCSADRAIN, saved)
+        with contextlib.suppress(OSError):
+            os.close(master)
