@@ -172,7 +172,6 @@ def create_container(root: Root, cid: str, opts: CreateOptions, log: Log = NULL,
             finally:
                 _init.stage1(child)
         child.close()
-        mgr.add_pid(stage1)
         _init.send(parent, {
             "type": "bootstrap", "config": cfg, "rootfs": rootfs, "bundle": bundle,
             "id": cid, "no_new_keyring": opts.no_new_keyring, "fifo_fd": fifo,
@@ -197,8 +196,13 @@ def create_container(root: Root, cid: str, opts: CreateOptions, log: Log = NULL,
                 if st is None:
                     raise CorralError("container init exited before the container was created")
                 state.pid, state.start_time = init, st[1]
+                # Placed while the init builds its rootfs (see _init._CgroupWait).
+                mgr.add_pid(init)
+                _init.send(parent, {"type": "cgroup"})
             elif kind == "hooks":
-                state.save()
+                if (cfg.get("hooks") or {}).get("prestart") or (
+                        cfg.get("hooks") or {}).get("createRuntime"):
+                    state.save()  # a hook may ask `corral state`
                 oci = state.oci("creating")
                 run_hooks(cfg, "prestart", oci)
                 run_hooks(cfg, "createRuntime", oci)

@@ -12,6 +12,7 @@ Everything travels over one SOCK_SEQPACKET socket as JSON messages, one per data
   stage 1 -> runtime: {"type": "usermap"}               write my uid_map/gid_map now
   runtime -> stage 1: {"type": "ok"}
   stage 1 -> runtime: {"type": "pid", "pid": N}         the init's pid, then stage 1 exits
+  runtime -> init:    {"type": "cgroup"}                the init is in its cgroup now
   init    -> runtime: {"type": "hooks"}                 run prestart/createRuntime now
   runtime -> init:    {"type": "ok", "state": {...}}
   init    -> runtime: {"type": "created"}               set up, about to block on the fifo
@@ -119,7 +120,7 @@ def stage1(sock: socket.socket) -> NoReturn:
             if not ns.get("path"):
                 if ns["type"] == "user":
                     user_new = True
-                else:
+                elif ns["type"] != "cgroup":  # the init unshares it once in its cgroup
                     new_flags |= NAMESPACES[ns["type"]][0]
         for typ, fd in joins:
             if typ == "user":
@@ -306,6 +307,31 @@ def _mount_one(boot: dict[str, Any], rootfs: str, m: dict[str, Any], new_cgroupn
         L.mount(None, dest, None, p)
 
 
+class _CgroupWait:
+    """The init's view of its cgroup placement, which the runtime does in parallel.
+
+    The first write to cgroup.procs after an idle spell waits for an RCU grace period
+    (~20 ms on these machines); the runtime does it while the init mounts, and the init
+    waits only where the cgroup matters: before unsharing the cgroup namespace, before a
+    cgroup mount, before any hook runs.
+    """
+
+    def __init__(self, sock: socket.socket, new_cgroupns: bool) -> None:
+        self.sock = sock
+        self.new_cgroupns = new_cgroupns
+        self.done = False
+
+    def ensure(self) -> None:
+        if self.done:
+            return
+        msg = recv(self.sock)
+        if msg is None or msg.get("type") != "cgroup":
+            os._exit(1)
+        if self.new_cgroupns:
+            L.unshare(L.CLONE_NEWCGROUP)
+        self.done = True
+
+
 def _in_userns(boot: dict[str, Any]) -> bool:
     return any(ns.get("type") == "user" for ns in boot["config"]["linux"].get("namespaces", []))
 
@@ -354,18 +380,18 @@ def _create_devices(boot: dict[str, Any], rootfs: str) -> None:
             pass
 
 
-def _setup_rootfs(boot: dict[str, Any]) -> None:
+def _setup_rootfs(boot: dict[str, Any], cgroup: _CgroupWait) -> None:
     cfg = boot["config"]
     rootfs = boot["rootfs"]
     lx = cfg["linux"]
     prop = PROPAGATION.get(lx.get("rootfsPropagation", ""), L.MS_SLAVE | L.MS_REC)
     L.mount(None, "/", None, prop)
     L.mount(rootfs, rootfs, None, L.MS_BIND | L.MS_REC)
-    new_cgroupns = any(ns.get("type") == "cgroup" and not ns.get("path")
-                       for ns in lx.get("namespaces", []))
     mounts = cfg.get("mounts") or []
     for m in mounts:
-        _mount_one(boot, rootfs, m, new_cgroupns)
+        if m.get("type") == "cgroup":
+            cgroup.ensure()
+        _mount_one(boot, rootfs, m, cgroup.new_cgroupns)
     dev_bound = any(m["destination"].rstrip("/") == "/dev" and (
         m.get("type") == "bind" or {"bind", "rbind"} & set(m.get("options") or []))
         for m in mounts)
@@ -580,7 +606,12 @@ def container_init(sock: socket.socket, boot: dict[str, Any]) -> NoReturn:
                     raise
         if any(ns["type"] == "network" and not ns.get("path") for ns in lx.get("namespaces", [])):
             _loopback_up()
-        _setup_rootfs(boot)
+        cgroup = _CgroupWait(sock, any(ns["type"] == "cgroup" and not ns.get("path")
+                                       for ns in lx.get("namespaces", [])))
+        if cgroup.new_cgroupns:
+            cgroup.ensure()  # mounts made before the unshare would show the host's view
+        _setup_rootfs(boot, cgroup)
+        cgroup.ensure()
         send(sock, {"type": "hooks"})
         state = _expect_ok(sock).get("state", {})
         from ._hooks import run_hooks
