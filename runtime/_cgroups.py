@@ -138,6 +138,58 @@ def _read_pids(path: str) -> list[int]:
         return []
 
 
+class MigrationWarmup:
+    """Pay the cgroup migration's RCU grace period in a thread, while the CLI does other work.
+
+    Every write to cgroup.procs takes the kernel's global cgroup_threadgroup_rwsem for
+    writing; the first one after an idle spell waits for an RCU grace period (~5-20 ms on
+    these machines), later ones within a grace period take ~0.2 ms. `start()` moves this
+    process into the cgroup it is already in (a no-op migration that still takes the lock)
+    from a thread, so that the real placement of the init, done right after, is fast.
+    `wait()` must be called before forking: a fork must not race a thread in a syscall.
+    """
+
+    def __init__(self) -> None:
+        import _thread
+
+        self._done = _thread.allocate_lock()
+        self._done.acquire()
+        _thread.start_new_thread(self._run, ())
+
+    def _run(self) -> None:
+        try:
+            with open("/proc/self/cgroup") as f:
+                lines = f.read().splitlines()
+            for line in lines:
+                _, ctrls, path = line.split(":", 2)
+                if ctrls:
+                    base = os.path.join(CGROUP_ROOT, ctrls.replace("name=", ""))
+                elif os.path.exists(os.path.join(CGROUP_ROOT, "cgroup.procs")):
+                    base = CGROUP_ROOT
+                else:
+                    base = os.path.join(CGROUP_ROOT, "unified")
+                procs = os.path.join(base + path, "cgroup.procs")
+                try:
+                    fd = os.open(procs, os.O_WRONLY | os.O_CLOEXEC)
+                except OSError:
+                    continue
+                try:
+                    os.write(fd, str(os.getpid()).encode())
+                except OSError:
+                    pass  # refused or not: the lock was taken, which is all we want
+                finally:
+                    os.close(fd)
+                break
+        except Exception:
+            pass
+        finally:
+            self._done.release()
+
+    def wait(self) -> None:
+        self._done.acquire()
+        self._done.release()
+
+
 class Manager:
     """What the runtime needs from a cgroup implementation, whatever the version.
 

@@ -10,11 +10,11 @@ arguments pass through untouched.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Callable
 
+from . import _jsonfast as json
 from ._errors import CorralError
 from ._log import Log
 from ._state import DEFAULT_ROOT, Root
@@ -158,7 +158,7 @@ def cmd_spec(root: Root, opts: dict[str, Any], pos: list[str], g: dict[str, Any]
     if os.path.exists(path):
         raise CorralError(f"File {path} exists. Remove it first")
     with open(path, "x") as f:
-        json.dump(default_spec(), f, indent="\t")
+        f.write(json.dumps(default_spec(), indent="\t"))
     return 0
 
 

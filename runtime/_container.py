@@ -11,9 +11,8 @@ from __future__ import annotations
 import errno
 import os
 import select
-import signal
-import socket
 
+from . import _sys
 from ._errors import CorralError
 from ._log import NULL, Log
 from ._state import FIFO, Lock, Root, State, proc_stat, remove_tree, rfc3339_now, write_atomic
@@ -22,8 +21,6 @@ TYPE_CHECKING = False  # typing costs ~4 ms to import; mypy honours this name
 if TYPE_CHECKING:
     from typing import Any
 
-SIGNALS = {name[3:]: int(sig) for name, sig in signal.Signals.__members__.items()
-           if name.startswith("SIG") and not name.startswith("SIG_")}
 
 
 def parse_signal(text: str) -> int:
@@ -40,16 +37,16 @@ def parse_signal(text: str) -> int:
         raise CorralError(f"invalid signal {text!r}")
     up = t.upper()
     up = up[3:] if up.startswith("SIG") else up
-    if up in SIGNALS:
-        return SIGNALS[up]
+    if up in _sys.SIGNALS and not up.startswith("RT"):
+        return _sys.SIGNALS[up]
     if up.startswith("RTMIN") or up.startswith("RTMAX"):
-        base = signal.SIGRTMIN if up.startswith("RTMIN") else signal.SIGRTMAX
+        base = _sys.SIGRTMIN if up.startswith("RTMIN") else _sys.SIGRTMAX
         off = up[5:]
         try:
             n = int(base) + (int(off) if off else 0)
         except ValueError:
             n = -1
-        if int(signal.SIGRTMIN) <= n <= int(signal.SIGRTMAX):
+        if _sys.SIGRTMIN <= n <= _sys.SIGRTMAX:
             return n
     raise CorralError(f"unknown signal {text!r}")
 
@@ -104,7 +101,7 @@ def _kill_pid(pid: int, sig: int) -> None:
 
 
 def create_container(root: Root, cid: str, opts: CreateOptions, log: Log = NULL,
-                     for_run: bool = False, console_sock: socket.socket | None = None,
+                     for_run: bool = False, console_sock: _sys.Socket | None = None,
                      ) -> State:
     """Build the container up to `created`: the path both `create` and `run` take.
 
@@ -114,9 +111,11 @@ def create_container(root: Root, cid: str, opts: CreateOptions, log: Log = NULL,
     On any failure everything made so far (init, cgroup, state directory) is removed before
     the error propagates.
     """
+    from ._cgroups import MigrationWarmup, new_manager
+
+    warmup = MigrationWarmup()
     from . import _init
     from . import _linux as L
-    from ._cgroups import new_manager
     from ._hooks import run_hooks
     from ._spec import load_bundle
 
@@ -140,9 +139,9 @@ def create_container(root: Root, cid: str, opts: CreateOptions, log: Log = NULL,
     lock = Lock(d).__enter__()
     mgr = None
     stage1 = init = 0
-    console: socket.socket | None = console_sock
+    console: _sys.Socket | None = console_sock
     fifo = -1
-    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    parent, child = _sys.socketpair()
     state = State(d, {"id": cid, "bundle": bundle, "rootfs": rootfs, "created": rfc3339_now(),
                       "annotations": cfg.get("annotations") or {}, "config": cfg})
     try:
@@ -155,15 +154,15 @@ def create_container(root: Root, cid: str, opts: CreateOptions, log: Log = NULL,
             raise CorralError(f"linux.cgroupsPath: cannot create cgroup: {e}") from None
         state.cgroup = mgr.to_state()
         if opts.console_socket:
-            console = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
-                console.connect(opts.console_socket)
+                console = _sys.connect_unix(opts.console_socket)
             except OSError as e:
                 raise CorralError(f"--console-socket {opts.console_socket}: {e.strerror}") from None
         # The init is forked by stage 1, which exits: as a subreaper we become its parent,
         # so that `run` can wait for it; after we exit it passes to our own nearest
         # subreaper (conmon, containerd's shim), as runc's init does.
         L.prctl(L.PR_SET_CHILD_SUBREAPER, 1)
+        warmup.wait()
         stage1 = os.fork()
         if stage1 == 0:
             try:
@@ -217,7 +216,7 @@ def create_container(root: Root, cid: str, opts: CreateOptions, log: Log = NULL,
         return state
     except BaseException:
         for pid in (stage1, init):
-            _kill_pid(pid, signal.SIGKILL) if pid > 0 else None
+            _kill_pid(pid, _sys.SIGKILL) if pid > 0 else None
         _reap(stage1)
         _reap(init)
         if mgr is not None:
@@ -237,7 +236,7 @@ def create_container(root: Root, cid: str, opts: CreateOptions, log: Log = NULL,
 
 def _kill_cgroup(pids: list[int]) -> None:
     for pid in pids:
-        _kill_pid(pid, signal.SIGKILL)
+        _kill_pid(pid, _sys.SIGKILL)
 
 
 def _locked_state(root: Root, cid: str) -> tuple[Lock, State]:
@@ -287,7 +286,7 @@ def signal_init(st: State, sig: int) -> None:
         if not st.init_alive():  # checked after opening: the pidfd now pins this process
             raise CorralError(f"container {st.id!r} is not running")
         try:
-            signal.pidfd_send_signal(pidfd, sig)
+            _sys.pidfd_send_signal(pidfd, sig)
         except ProcessLookupError:
             raise CorralError(f"container {st.id!r} is not running") from None
     finally:
@@ -373,7 +372,7 @@ def delete(root: Root, cid: str, force: bool = False, log: Log = NULL) -> None:
             if status == "paused" and mgr is not None:
                 _thaw(mgr)
             try:
-                signal_init(st, signal.SIGKILL)
+                signal_init(st, _sys.SIGKILL)
             except CorralError:
                 pass
             if mgr is not None:
@@ -410,13 +409,13 @@ def run(root: Root, cid: str, opts: CreateOptions, detach: bool = False, keep: b
     """
     ours = theirs = None
     if not detach and not opts.console_socket and _wants_terminal(opts.bundle):
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        ours, theirs = _sys.socketpair(_sys.SOCK_STREAM)
     master = -1
     try:
         st = create_container(root, cid, opts, log, for_run=True, console_sock=theirs)
         if theirs is not None and ours is not None:
             theirs.close()
-            _, fds, _, _ = socket.recv_fds(ours, 1024, 1)
+            _, fds = _sys.recv_fds(ours, 1024, 1)
             master = fds[0]
     finally:
         for end in (ours, theirs):
@@ -436,16 +435,15 @@ def run(root: Root, cid: str, opts: CreateOptions, detach: bool = False, keep: b
         except CorralError:
             pass
 
-    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
-              signal.SIGUSR2, signal.SIGWINCH):
-        signal.signal(s, forward)
+    for s in _sys.FORWARDED:
+        _sys.set_handler(s, forward)
     if master >= 0:
         from ._tty import proxy
 
         proxy(master)
     code = wait_exit(st)
-    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(s, signal.SIG_DFL)
+    for s in _sys.FORWARDED:
+        _sys.set_handler(s, _sys.SIG_DFL)
     if not keep:
         delete(root, cid, force=True, log=log)
     return code

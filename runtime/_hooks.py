@@ -8,8 +8,7 @@ and the import costs a few ms.
 
 from __future__ import annotations
 
-import json
-
+from . import _jsonfast as json
 from ._errors import CorralError
 
 TYPE_CHECKING = False  # typing costs ~4 ms to import; mypy honours this name

@@ -26,19 +26,17 @@ nothing may be imported after pivot_root: the container's filesystem has no Pyth
 
 from __future__ import annotations
 
-import array  # noqa: F401 - socket.send_fds imports it lazily, after pivot_root it cannot
 import errno
 import fcntl
-import json
 import os
 import resource
-import signal
-import socket
 import stat
 import struct
 import sys
 
+from . import _jsonfast as json
 from . import _linux as L
+from . import _sys
 from ._errors import CorralError
 from ._spec import CAP_BITS, CAP_SETS, DEFAULT_PATH, MOUNT_FLAGS, NAMESPACES, PROPAGATION, RLIMITS
 
@@ -58,12 +56,12 @@ SIOCGIFFLAGS = 0x8913
 SIOCSIFFLAGS = 0x8914
 
 
-def send(sock: socket.socket, msg: dict[str, Any]) -> None:
+def send(sock: _sys.Socket, msg: dict[str, Any]) -> None:
     """One JSON message per datagram."""
     sock.send(json.dumps(msg).encode())
 
 
-def recv(sock: socket.socket) -> dict[str, Any] | None:
+def recv(sock: _sys.Socket) -> dict[str, Any] | None:
     """The next message, or None when the other side has gone."""
     raw = sock.recv(1 << 20)
     if not raw:
@@ -72,14 +70,14 @@ def recv(sock: socket.socket) -> dict[str, Any] | None:
     return msg
 
 
-def _expect_ok(sock: socket.socket) -> dict[str, Any]:
+def _expect_ok(sock: _sys.Socket) -> dict[str, Any]:
     msg = recv(sock)
     if msg is None or msg.get("type") != "ok":
         os._exit(1)  # the runtime died or gave up on us: nothing to report to
     return msg
 
 
-def _die(sock: socket.socket | None, err: BaseException) -> NoReturn:
+def _die(sock: _sys.Socket | None, err: BaseException) -> NoReturn:
     if isinstance(err, CorralError):
         text = str(err)
     elif isinstance(err, OSError):
@@ -103,7 +101,7 @@ def _die(sock: socket.socket | None, err: BaseException) -> NoReturn:
 # --- stage 1 ------------------------------------------------------------------------------
 
 
-def stage1(sock: socket.socket) -> NoReturn:
+def stage1(sock: _sys.Socket) -> NoReturn:
     """Join and create namespaces, fork the init, report its pid, exit."""
     try:
         boot = recv(sock)
@@ -316,7 +314,7 @@ class _CgroupWait:
     cgroup mount, before any hook runs.
     """
 
-    def __init__(self, sock: socket.socket, new_cgroupns: bool) -> None:
+    def __init__(self, sock: _sys.Socket, new_cgroupns: bool) -> None:
         self.sock = sock
         self.new_cgroupns = new_cgroupns
         self.done = False
@@ -430,10 +428,13 @@ def _pivot(rootfs: str, no_pivot: bool) -> None:
 
 
 def _loopback_up() -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+    s = _sys.inet_dgram()
+    try:
         req = struct.pack("16sH14x", b"lo", 0)
         flags = struct.unpack("16sH14x", fcntl.ioctl(s.fileno(), SIOCGIFFLAGS, req))[1]
         fcntl.ioctl(s.fileno(), SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | 1))
+    finally:
+        s.close()
 
 
 def _setup_console(boot: dict[str, Any]) -> None:
@@ -455,8 +456,8 @@ def _setup_console(boot: dict[str, Any]) -> None:
         L.mount(slave_path, "/dev/console", None, L.MS_BIND)
     except OSError:
         pass  # no writable /dev: the process still gets the pty on its stdio
-    csock = socket.socket(fileno=boot["console_fd"])
-    socket.send_fds(csock, [slave_path.encode()], [master])
+    csock = _sys.from_fd(boot["console_fd"])
+    _sys.send_fds(csock, slave_path.encode(), [master])
     csock.close()
     os.close(master)
     for fd in (0, 1, 2):
@@ -569,9 +570,9 @@ def finalize_process(proc: dict[str, Any], preserve_fds: int) -> dict[str, Any]:
 
 def exec_process(path: str, args: list[str], env: list[str], preserve_fds: int) -> NoReturn:
     """Reset what Python changed in this process, mark extra fds CLOEXEC, exec."""
-    for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT):
-        signal.signal(sig, signal.SIG_DFL)  # Python ignores these; exec keeps SIG_IGN
-    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    for sig in (_sys.SIGPIPE, _sys.SIGXFSZ, _sys.SIGINT):
+        _sys.set_handler(sig, _sys.SIG_DFL)  # Python ignores these; exec keeps SIG_IGN
+    _sys.unblock_all()
     L.close_range_cloexec(3 + preserve_fds)
     os.execve(path, args, dict(e.split("=", 1) for e in env))
 
@@ -588,7 +589,7 @@ def _apply_rlimits(proc: dict[str, Any]) -> None:
                               "(raising a hard limit needs CAP_SYS_RESOURCE)") from None
 
 
-def container_init(sock: socket.socket, boot: dict[str, Any]) -> NoReturn:
+def container_init(sock: _sys.Socket, boot: dict[str, Any]) -> NoReturn:
     """Pid 1 of the container: set everything up, wait for start, exec."""
     try:
         cfg = boot["config"]

@@ -7,10 +7,10 @@ containerd reads the last error from the log file when a runtime call fails, so 
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
+from . import _jsonfast as json
 from ._state import rfc3339_now
 
 

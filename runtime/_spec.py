@@ -7,9 +7,9 @@ range of every field corral acts on and leaves the rest alone. Every error is a
 
 from __future__ import annotations
 
-import json
 import os
 
+from . import _jsonfast as json
 from ._errors import ConfigError, CorralError
 
 TYPE_CHECKING = False  # typing costs ~4 ms to import; mypy honours this name
