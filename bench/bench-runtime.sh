@@ -5,7 +5,8 @@
 #
 # Must run as root. Needs hyperfine, busybox-static (for scripts/build-rootfs), runc and/or crun,
 # and a Python (or jq) to edit the bundle's config.json. Environment:
-#   CORRAL  corral binary (default /work/venv/bin/corral); skipped if missing or broken
+#   CORRAL  corral binary (default: .venv/bin/corral of this repository, made by scripts/setup);
+#           skipped if missing or broken
 #   RUNC    runc binary   (default: runc on PATH)
 #   CRUN    crun binary   (default: crun on PATH)
 #   PYTHON  python used to edit config.json (default: the python next to $CORRAL)
@@ -44,7 +45,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 build_rootfs="$here/../scripts/build-rootfs"
 [ -f "$build_rootfs" ] || die "$build_rootfs not found"
 
-CORRAL=${CORRAL:-/work/venv/bin/corral}
+CORRAL=${CORRAL:-$here/../.venv/bin/corral}
 RUNC=$(command -v "${RUNC:-runc}" || true)
 CRUN=$(command -v "${CRUN:-crun}" || true)
 PYTHON=${PYTHON:-$(dirname "$CORRAL")/python}

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
 
 from . import _jsonfast as json
 from ._errors import CorralError
@@ -21,6 +20,7 @@ from ._state import DEFAULT_ROOT, Root
 
 TYPE_CHECKING = False  # typing costs ~4 ms to import; mypy honours this name
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any
 
 VERSION = "0.1.0"
