@@ -421,9 +421,18 @@ def run(root: Root, cid: str, opts: CreateOptions, detach: bool = False, keep: b
         for end in (ours, theirs):
             if end is not None:
                 end.close()
+    saved = None
     try:
+        if master >= 0:
+            from ._tty import prepare
+
+            saved = prepare(master)
         start(root, cid, log)
     except BaseException:
+        if saved is not None:
+            import termios
+
+            termios.tcsetattr(0, termios.TCSADRAIN, saved)
         delete(root, cid, force=True, log=log)
         raise
     if detach:
@@ -440,7 +449,7 @@ def run(root: Root, cid: str, opts: CreateOptions, detach: bool = False, keep: b
     if master >= 0:
         from ._tty import proxy
 
-        proxy(master)
+        proxy(master, saved)
     code = wait_exit(st)
     for s in _sys.FORWARDED:
         _sys.set_handler(s, _sys.SIG_DFL)

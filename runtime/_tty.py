@@ -11,6 +11,10 @@ import sys
 import termios
 import tty
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
 TIOCGWINSZ = 0x5413
 TIOCSWINSZ = 0x5414
 
@@ -23,17 +27,28 @@ def _copy_winsize(master: int) -> None:
         pass
 
 
-def proxy(master: int) -> None:
+def prepare(master: int) -> list[Any] | None:
+    """Before `start`: give the container's terminal our window size and make ours raw.
+
+    Done before the user's process runs, so that its first `stty size` sees the real size.
+    Returns the saved settings of our terminal (None when stdin is no terminal).
+    """
+    if not os.isatty(0):
+        return None
+    saved = termios.tcgetattr(0)
+    tty.setraw(0)
+    _copy_winsize(master)
+    return saved
+
+
+def proxy(master: int, saved: list[Any] | None) -> None:
     """Copy stdin to the container's terminal and its output to stdout until it closes.
 
-    Our own terminal (if stdin is one) goes raw for the duration, so that keys like ^C reach
-    the container's line discipline instead of signalling us; it is restored on the way out.
+    Our own terminal (if stdin is one) stays raw for the duration, so that keys like ^C
+    reach the container's line discipline instead of signalling us; `saved` is restored on
+    the way out.
     """
-    saved = None
-    if os.isatty(0):
-        saved = termios.tcgetattr(0)
-        tty.setraw(0)
-        _copy_winsize(master)
+    if saved is not None:
         signal.signal(signal.SIGWINCH, lambda *_: _copy_winsize(master))
     out = sys.stdout.fileno()
     watch = [master, 0]

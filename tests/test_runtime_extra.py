@@ -4,12 +4,15 @@ statuses of `run`."""
 
 import contextlib
 import errno
+import fcntl
 import json
 import os
 import select
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import time
 import uuid
 from pathlib import Path
@@ -70,6 +73,8 @@ def _run_under_pty(rt, helpers, args, stdin_tty=True, send=None):
     b = rt.make_bundle(args=args, changes={"process": {"terminal": True}})
     cid = rt.new_id()
     master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 33, 97, 0, 0))
+    before = termios.tcgetattr(slave)
     try:
         proc = helpers.spawn(
             rt.argv("run", "--bundle", b.path, cid),
@@ -86,6 +91,9 @@ def _run_under_pty(rt, helpers, args, stdin_tty=True, send=None):
             os.write(master, data)
         out += read_until(master, b"\0never\0", timeout=20, proc=proc)
         rc = helpers.wait_tracked(proc, 20)
+        # On Linux the master reports the slave's settings: corral must have restored them
+        # after putting our terminal in raw mode.
+        assert termios.tcgetattr(master) == before
     finally:
         if slave >= 0:
             os.close(slave)
@@ -104,6 +112,14 @@ def test_run_terminal_proxies_pty(rt, helpers):
     assert "hello-tty\r\n" in out
     assert "/dev/pts/0" in out or "/dev/console" in out, out
     assert "got:abc" in out
+
+
+def test_run_terminal_window_size_at_start(rt, helpers):
+    # The container's terminal must have our window size (33x97) from its first instruction,
+    # not only once the proxy loop is running.
+    rc, out = _run_under_pty(rt, helpers, ("stty", "size"))
+    assert rc == 0, out
+    assert out == "33 97\r\n"
 
 
 def test_run_terminal_stdin_not_a_tty(rt, helpers):
@@ -141,23 +157,30 @@ def test_create_and_start_container_hooks(rt, make_bundle, tmp_path):
     hooks_dir.mkdir()
     created_marker = tmp_path / "created-marker"
     create_hook = _hook_script(
-        tmp_path / "create-hook.sh", f'cat > "{created_marker}"\nreadlink /proc/self/ns/mnt >> "{created_marker}.ns"\n'
+        tmp_path / "create-hook.sh",
+        f'cat > "{created_marker}"\nreadlink /proc/self/ns/mnt > "{created_marker}.ns"\n',
     )
     _hook_script(
         hooks_dir / "script.sh",
-        '{ cat; echo; hostname; } > /hooks/out.tmp; mv /hooks/out.tmp /hooks/out\n',
+        "{ cat; echo; hostname; } > /hooks/out.tmp; mv /hooks/out.tmp /hooks/out\n",
     )
     b = make_bundle(
         args=SLEEP,
         changes=lambda c: (
             c["mounts"].append(
-                {"destination": "/hooks", "type": "bind", "source": str(hooks_dir),
-                 "options": ["rbind", "rw"]}
+                {
+                    "destination": "/hooks",
+                    "type": "bind",
+                    "source": str(hooks_dir),
+                    "options": ["rbind", "rw"],
+                }
             ),
-            c.update(hooks={
-                "createContainer": [{"path": create_hook, "env": HOOK_ENV}],
-                "startContainer": [{"path": "/hooks/script.sh", "env": HOOK_ENV}],
-            }),
+            c.update(
+                hooks={
+                    "createContainer": [{"path": create_hook, "env": HOOK_ENV}],
+                    "startContainer": [{"path": "/hooks/script.sh", "env": HOOK_ENV}],
+                }
+            ),
         ),
     )
     cid = rt.create(b)
@@ -334,8 +357,14 @@ def test_rootfs_propagation(rt, make_bundle, tmp_path, propagation, propagates):
             args=SLEEP,
             changes=lambda c: (
                 c["linux"].update(rootfsPropagation=propagation),
-                c["mounts"].append({"destination": "/run", "type": "bind",
-                                    "source": str(shared), "options": ["rbind"]}),
+                c["mounts"].append(
+                    {
+                        "destination": "/run",
+                        "type": "bind",
+                        "source": str(shared),
+                        "options": ["rbind"],
+                    }
+                ),
             ),
         )
         cid = rt.create(b)
@@ -343,8 +372,9 @@ def test_rootfs_propagation(rt, make_bundle, tmp_path, propagation, propagates):
         pid = rt.state(cid)["pid"]
         (shared / "sub").mkdir()
         _mount("-t", "tmpfs", "-o", "size=1m", "tmpfs", str(shared / "sub"))
-        points = [line.split()[4] for line in Path(f"/proc/{pid}/mountinfo").read_text()
-                  .splitlines()]
+        points = [
+            line.split()[4] for line in Path(f"/proc/{pid}/mountinfo").read_text().splitlines()
+        ]
         assert "/run" in points
         assert ("/run/sub" in points) == propagates, points
         rt("delete", "--force", cid)
@@ -383,8 +413,9 @@ def test_run_forwards_sigterm(rt, make_bundle, helpers, tmp_path):
     cid = rt.new_id()
     r, w = os.pipe()
     with open(tmp_path / "stderr", "wb") as err:
-        proc = helpers.spawn(rt.argv("run", "--bundle", b.path, cid), stdin=subprocess.DEVNULL,
-                             stdout=w, stderr=err)
+        proc = helpers.spawn(
+            rt.argv("run", "--bundle", b.path, cid), stdin=subprocess.DEVNULL, stdout=w, stderr=err
+        )
     os.close(w)
     try:
         assert rt.wait_status(cid, "running") == "running"
@@ -411,8 +442,12 @@ def test_run_killed_from_outside(rt, make_bundle, helpers, tmp_path):
     b = make_bundle(args=("sh", "-c", "echo ready; sleep 30"))
     cid = rt.new_id()
     r, w = os.pipe()
-    proc = helpers.spawn(rt.argv("run", "--bundle", b.path, cid), stdin=subprocess.DEVNULL,
-                         stdout=w, stderr=subprocess.DEVNULL)
+    proc = helpers.spawn(
+        rt.argv("run", "--bundle", b.path, cid),
+        stdin=subprocess.DEVNULL,
+        stdout=w,
+        stderr=subprocess.DEVNULL,
+    )
     os.close(w)
     try:
         assert b"ready" in read_until(r, b"ready\n", proc=proc)

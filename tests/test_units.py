@@ -4,15 +4,15 @@ import copy
 import json
 import os
 import signal
+from pathlib import Path
 
 import pytest
-
 from corral.runtime import _cgroups, _cli
 from corral.runtime._container import parse_signal
 from corral.runtime._errors import ConfigError, CorralError
 from corral.runtime._init import parse_mount_options, secure_join
 from corral.runtime._spec import default_spec, load_bundle, validate
-from corral.runtime._state import FIFO, STATE_FILE, Root, State, proc_stat, validate_id, write_atomic
+from corral.runtime._state import FIFO, STATE_FILE, Root, proc_stat, validate_id, write_atomic
 
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_BIND, MS_REC = 4096, 16384
@@ -21,9 +21,7 @@ MS_PRIVATE, MS_SLAVE, MS_SHARED = 1 << 18, 1 << 19, 1 << 20
 # -- validate_id -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "cid", ["a", "abc-123", "A_b.c+d:e@f", "x" * 1024, "...", ".hidden", "0"]
-)
+@pytest.mark.parametrize("cid", ["a", "abc-123", "A_b.c+d:e@f", "x" * 1024, "...", ".hidden", "0"])
 def test_validate_id_good(cid):
     assert validate_id(cid) == cid
 
@@ -236,41 +234,73 @@ BAD = [
     ("gid-float", _set("process.user.gid", 1.5), "process.user.gid"),
     ("env-no-equals", _append("process.env", "JUSTAKEY"), "process.env[2]"),
     ("env-int", _append("process.env", 5), "process.env[2]"),
-    ("cap-unknown", _append("process.capabilities.bounding", "CAP_NOPE"),
-     "process.capabilities.bounding[3]"),
-    ("rlimit-type", _set("process.rlimits", [{"type": "RLIMIT_NOPE", "soft": 1, "hard": 1}]),
-     "process.rlimits[0].type"),
-    ("rlimit-soft-above-hard",
-     _set("process.rlimits", [{"type": "RLIMIT_NOFILE", "soft": 2048, "hard": 1024}]),
-     "process.rlimits[0].soft"),
-    ("rlimit-duplicate",
-     _append("process.rlimits", {"type": "RLIMIT_NOFILE", "soft": 1, "hard": 1}),
-     "process.rlimits[1].type"),
+    (
+        "cap-unknown",
+        _append("process.capabilities.bounding", "CAP_NOPE"),
+        "process.capabilities.bounding[3]",
+    ),
+    (
+        "rlimit-type",
+        _set("process.rlimits", [{"type": "RLIMIT_NOPE", "soft": 1, "hard": 1}]),
+        "process.rlimits[0].type",
+    ),
+    (
+        "rlimit-soft-above-hard",
+        _set("process.rlimits", [{"type": "RLIMIT_NOFILE", "soft": 2048, "hard": 1024}]),
+        "process.rlimits[0].soft",
+    ),
+    (
+        "rlimit-duplicate",
+        _append("process.rlimits", {"type": "RLIMIT_NOFILE", "soft": 1, "hard": 1}),
+        "process.rlimits[1].type",
+    ),
     ("oom-1001", _set("process.oomScoreAdj", 1001), "process.oomScoreAdj"),
     ("oom--1001", _set("process.oomScoreAdj", -1001), "process.oomScoreAdj"),
     ("terminal-string", _set("process.terminal", "yes"), "process.terminal"),
     ("ns-unknown", _set("linux.namespaces.1", {"type": "time-travel"}), "linux.namespaces[1].type"),
     ("ns-duplicate", _append("linux.namespaces", {"type": "pid"}), "linux.namespaces[5].type"),
-    ("ns-path-missing", _set("linux.namespaces.1", {"type": "network", "path": "/no/such/ns"}),
-     "linux.namespaces[1].path"),
-    ("ns-path-relative", _set("linux.namespaces.1", {"type": "network", "path": "proc/1/ns/net"}),
-     "linux.namespaces[1].path"),
-    ("uidmap-without-userns",
-     _set("linux.uidMappings", [{"containerID": 0, "hostID": 1000, "size": 1}]),
-     "linux.uidMappings"),
-    ("sysctl-not-namespaced", _set("linux.sysctl", {"kernel.panic": "1"}),
-     "linux.sysctl.kernel.panic"),
-    ("sysctl-net-without-netns",
-     lambda c: (_drop_ns("network")(c), _set("linux.sysctl", {"net.ipv4.ip_forward": "1"})(c)),
-     "linux.sysctl.net.ipv4.ip_forward"),
-    ("sysctl-value-int", _set("linux.sysctl", {"net.ipv4.ip_forward": 1}),
-     "linux.sysctl.net.ipv4.ip_forward"),
+    (
+        "ns-path-missing",
+        _set("linux.namespaces.1", {"type": "network", "path": "/no/such/ns"}),
+        "linux.namespaces[1].path",
+    ),
+    (
+        "ns-path-relative",
+        _set("linux.namespaces.1", {"type": "network", "path": "proc/1/ns/net"}),
+        "linux.namespaces[1].path",
+    ),
+    (
+        "uidmap-without-userns",
+        _set("linux.uidMappings", [{"containerID": 0, "hostID": 1000, "size": 1}]),
+        "linux.uidMappings",
+    ),
+    (
+        "sysctl-not-namespaced",
+        _set("linux.sysctl", {"kernel.panic": "1"}),
+        "linux.sysctl.kernel.panic",
+    ),
+    (
+        "sysctl-net-without-netns",
+        lambda c: (_drop_ns("network")(c), _set("linux.sysctl", {"net.ipv4.ip_forward": "1"})(c)),
+        "linux.sysctl.net.ipv4.ip_forward",
+    ),
+    (
+        "sysctl-value-int",
+        _set("linux.sysctl", {"net.ipv4.ip_forward": 1}),
+        "linux.sysctl.net.ipv4.ip_forward",
+    ),
     ("mount-dest-relative", _set("mounts.0.destination", "proc"), "mounts[0].destination"),
     ("mount-dest-dotdot", _set("mounts.1.destination", "/dev/../../etc"), "mounts[1].destination"),
-    ("mount-bind-no-source", _append("mounts", {"destination": "/x", "type": "bind"}),
-     "mounts[7].source"),
-    ("mount-rbind-no-source", _append("mounts", {"destination": "/x", "options": ["rbind"]}),
-     "mounts[7].source"),
+    (
+        "mount-bind-no-source",
+        _append("mounts", {"destination": "/x", "type": "bind"}),
+        "mounts[7].source",
+    ),
+    (
+        "mount-rbind-no-source",
+        _append("mounts", {"destination": "/x", "options": ["rbind"]}),
+        "mounts[7].source",
+    ),
     ("hook-path-relative", _hook(path="bin/true"), "hooks.prestart[0].path"),
     ("hook-timeout-zero", _hook(timeout=0), "hooks.prestart[0].timeout"),
     ("hook-args-int", _hook(args=["true", 1]), "hooks.prestart[0].args[1]"),
@@ -314,8 +344,10 @@ def test_validate_ignores_unknown_properties():
     cfg["linux"]["futureLinuxField"] = None
     cfg["linux"]["namespaces"][0]["futureNsField"] = "x"
     cfg["process"]["rlimits"][0]["futureRlimitField"] = 0
-    cfg["hooks"] = {"futureHookKind": [{"whatever": 1}], "prestart": [{"path": "/bin/true",
-                                                                       "future": 1}]}
+    cfg["hooks"] = {
+        "futureHookKind": [{"whatever": 1}],
+        "prestart": [{"path": "/bin/true", "future": 1}],
+    }
     cfg["vm"] = {"hypervisor": {"path": "relative/is/fine/here"}}
     assert validate(cfg) is not None
 
@@ -443,8 +475,9 @@ def test_parse_double_dash_ends_flags():
 
 
 def test_parse_stop_at_positional():
-    opts, pos = _cli._parse(["-b", "x", "cid", "sh", "-c", "--bundle"], CREATE_FLAGS, "exec",
-                            stop_at_positional=True)
+    opts, pos = _cli._parse(
+        ["-b", "x", "cid", "sh", "-c", "--bundle"], CREATE_FLAGS, "exec", stop_at_positional=True
+    )
     assert opts == {"bundle": "x"}
     assert pos == ["cid", "sh", "-c", "--bundle"]
 
@@ -582,7 +615,7 @@ def test_write_atomic_failure_leaves_no_temp_file(tmp_path):
     target = tmp_path / "target"
     target.mkdir()
     (target / "keep").write_text("x")
-    with pytest.raises(OSError):
+    with pytest.raises(IsADirectoryError):
         write_atomic(str(target), b"data")
     assert sorted(os.listdir(tmp_path)) == ["target"]
     assert os.listdir(target) == ["keep"]
@@ -595,9 +628,16 @@ def _fake_container(root_dir, cid, *, pid, start_time, fifo=False, cgroup=None):
     d = root_dir / cid
     d.mkdir(parents=True)
     data = {
-        "id": cid, "pid": pid, "start_time": start_time, "bundle": "/b", "rootfs": "/b/rootfs",
-        "created": "2024-01-01T00:00:00.000000000Z", "owner": "", "annotations": {},
-        "cgroup": cgroup or {}, "config": {},
+        "id": cid,
+        "pid": pid,
+        "start_time": start_time,
+        "bundle": "/b",
+        "rootfs": "/b/rootfs",
+        "created": "2024-01-01T00:00:00.000000000Z",
+        "owner": "",
+        "annotations": {},
+        "cgroup": cgroup or {},
+        "config": {},
     }
     (d / STATE_FILE).write_text(json.dumps(data))
     if fifo:
@@ -606,7 +646,7 @@ def _fake_container(root_dir, cid, *, pid, start_time, fifo=False, cgroup=None):
 
 
 def _absent_pid():
-    pid_max = int(open("/proc/sys/kernel/pid_max").read())
+    pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
     for pid in range(pid_max - 1, 1, -1):
         if not os.path.exists(f"/proc/{pid}"):
             return pid
@@ -644,8 +684,14 @@ def test_status_created_and_running(tmp_path):
     st = root.load("c")
     assert st.status() == "created"
     assert st.oci() == {
-        "ociVersion": "1.0.2", "id": "c", "pid": me, "status": "created", "bundle": "/b",
-        "rootfs": "/b/rootfs", "created": "2024-01-01T00:00:00.000000000Z", "owner": "",
+        "ociVersion": "1.0.2",
+        "id": "c",
+        "pid": me,
+        "status": "created",
+        "bundle": "/b",
+        "rootfs": "/b/rootfs",
+        "created": "2024-01-01T00:00:00.000000000Z",
+        "owner": "",
     }
     os.unlink(tmp_path / "c" / FIFO)
     assert root.load("c").status() == "running"
