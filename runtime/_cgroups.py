@@ -16,6 +16,7 @@ import os
 import time
 
 from ._errors import CorralError
+from ._resources import Write, device_rules, plan, v1_device_line
 
 TYPE_CHECKING = False  # typing costs ~4 ms to import; mypy honours this name
 if TYPE_CHECKING:
@@ -223,6 +224,107 @@ class Manager:
         """What state.json keeps to rebuild this manager."""
         raise NotImplementedError
 
+    def dir_for(self, controller: str) -> str | None:
+        """The container's directory that holds `controller`'s files, if the host has it."""
+        raise NotImplementedError
+
+    def plan(self, res: dict[str, Any]) -> list[Write]:
+        """The writes `res` needs on this host (see _resources.plan)."""
+        return plan(res, self.version)
+
+    def apply(self, res: dict[str, Any], devices: list[dict[str, Any]] | None = None,
+              with_devices: bool = True) -> None:
+        """Apply `linux.resources`: all of it, or (on error) none of it.
+
+        Every file is checked before the first write; the old values are read, and if a
+        write fails the ones already made are restored in reverse order.
+
+        Raises:
+            CorralError: naming the config field whose value could not be applied.
+        """
+        writes = self.plan(res)
+        rules = device_rules(res, devices) if with_devices and "devices" in res else None
+        targets: list[tuple[Write, str]] = []
+        for w in writes:
+            d = self.dir_for(w.controller)
+            if d is None:
+                raise CorralError(f"{w.field}: the {w.controller} cgroup controller is not "
+                                  "available on this host")
+            path = os.path.join(d, w.file)
+            if not os.path.exists(path):
+                raise CorralError(f"{w.field}: {w.file} does not exist on this host (is the "
+                                  f"{w.controller} controller or feature enabled?)")
+            targets.append((w, path))
+        targets = self._order(targets)
+        done: list[tuple[str, str]] = []
+        try:
+            for w, path in targets:
+                old = _read(path)
+                value = w.value
+                if "$keep" in value:  # cpu.max: keep the half that was not given
+                    cur = old.split()
+                    parts = value.split()
+                    value = " ".join(cur[i] if parts[i] == "$keep" else parts[i]
+                                     for i in range(2))
+                try:
+                    _write(path, value)
+                except OSError as e:
+                    raise CorralError(f"{w.field}: cannot write {value!r} to {path}: "
+                                      f"{e.strerror}") from None
+                done.append((path, old))
+            if rules is not None:
+                self.set_devices(rules)
+        except BaseException:
+            for path, old in reversed(done):
+                for line in old.splitlines() or [old]:
+                    try:
+                        _write(path, line)
+                    except OSError:
+                        pass  # best effort: keyed files cannot always be restored
+            raise
+
+    def _order(self, targets: list[tuple[Write, str]]) -> list[tuple[Write, str]]:
+        return targets
+
+    def set_devices(self, rules: list[dict[str, Any]]) -> None:
+        """Replace the container's device access rules."""
+        raise NotImplementedError
+
+    def freeze(self) -> None:
+        """Freeze every process of the container; return once the kernel says frozen."""
+        raise NotImplementedError
+
+    def thaw(self) -> None:
+        """Undo freeze()."""
+        raise NotImplementedError
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read().strip()
+
+
+def _write(path: str, value: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, value.encode())
+    finally:
+        os.close(fd)
+
+
+def _wait_for(check: Any, what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    delay = 0.0005
+    while not check():
+        if time.monotonic() > deadline:
+            raise CorralError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.02)
+
+
+def _limit_value(v: str) -> int:
+    return 2**63 if v in ("-1", "max") else int(v)
+
 
 class V1Manager(Manager):
     """cgroup v1 (and hybrid): one directory per mounted hierarchy."""
@@ -281,6 +383,98 @@ class V1Manager(Manager):
         return {"version": 1, "paths": self.paths, "mounts": self.mounts,
                 "created": self.created, "unified": self.unified}
 
+    def dir_for(self, controller: str) -> str | None:
+        for key, d in self.paths.items():
+            if controller in key.split(","):
+                return d
+        if self.unified and controller in _unified_controllers(self.unified):
+            return self.unified  # hybrid: a controller only the cgroup2 tree has (hugetlb)
+        return None
+
+    def _v2_only(self, res: dict[str, Any]) -> dict[str, str]:
+        """Resource keys whose controller this hybrid host has in the cgroup2 tree only."""
+        if not self.unified:
+            return {}
+        root = os.path.join(CGROUP_ROOT, "unified")
+        return {k: c for k, c in (("hugepageLimits", "hugetlb"), ("rdma", "rdma"))
+                if res.get(k) and not any(c in key.split(",") for key in self.paths)
+                and c in _unified_controllers(root)}
+
+    def plan(self, res: dict[str, Any]) -> list[Write]:
+        v2 = self._v2_only(res)
+        writes = plan({k: v for k, v in res.items() if k not in v2}, 1)
+        if v2:
+            writes += plan({k: res[k] for k in v2}, 2)
+        return writes
+
+    def apply(self, res: dict[str, Any], devices: list[dict[str, Any]] | None = None,
+              with_devices: bool = True) -> None:
+        v2 = self._v2_only(res)
+        if v2 and self.unified:
+            # Delegate those controllers down the cgroup2 tree to the container, only when a
+            # limit asks for them (the host's tree is otherwise left as it is).
+            root = os.path.join(CGROUP_ROOT, "unified")
+            rel = os.path.relpath(self.unified, root).split("/")
+            for i in range(len(rel)):
+                parent = os.path.join(root, *rel[:i])
+                _write(os.path.join(parent, "cgroup.subtree_control"),
+                       " ".join("+" + c for c in v2.values()))
+        super().apply(res, devices, with_devices)
+
+    def _order(self, targets: list[tuple[Write, str]]) -> list[tuple[Write, str]]:
+        # memory.memsw.limit_in_bytes must stay >= memory.limit_in_bytes at every step: when
+        # the new memory limit is above the current memory+swap limit, raise memsw first.
+        names = [w.file for w, _ in targets]
+        if "memory.limit_in_bytes" in names and "memory.memsw.limit_in_bytes" in names:
+            lim = next(t for t in targets if t[0].file == "memory.limit_in_bytes")
+            sw = next(t for t in targets if t[0].file == "memory.memsw.limit_in_bytes")
+            if _limit_value(lim[0].value) > _limit_value(_read(sw[1])):
+                rest = [t for t in targets if t is not sw]
+                return [sw, *rest]
+        return targets
+
+    def set_devices(self, rules: list[dict[str, Any]]) -> None:
+        d = self.dir_for("devices")
+        if d is None:
+            raise CorralError("linux.resources.devices: the devices cgroup controller is not "
+                              "available on this host")
+        old = _read(os.path.join(d, "devices.list")).splitlines()
+        try:
+            for r in rules:
+                _write(os.path.join(d, "devices.allow" if r["allow"] else "devices.deny"),
+                       v1_device_line(r))
+        except OSError as e:
+            _write(os.path.join(d, "devices.deny"), "a")
+            for line in old:
+                try:
+                    _write(os.path.join(d, "devices.allow"), line)
+                except OSError:
+                    pass
+            raise CorralError(f"linux.resources.devices: {e.strerror}") from None
+
+    def freeze(self) -> None:
+        d = self.dir_for("freezer")
+        if d is None:
+            raise CorralError("pause needs the freezer cgroup controller, which this host lacks")
+        state = os.path.join(d, "freezer.state")
+
+        def frozen() -> bool:
+            if _read(state) == "FROZEN":
+                return True
+            _write(state, "FROZEN")  # a task that forked meanwhile: ask again
+            return False
+
+        _write(state, "FROZEN")
+        _wait_for(frozen, "the freezer to report FROZEN")
+
+    def thaw(self) -> None:
+        d = self.dir_for("freezer")
+        if d is None:
+            return
+        state = os.path.join(d, "freezer.state")
+        _write(state, "THAWED")
+        _wait_for(lambda: _read(state) == "THAWED", "the freezer to report THAWED")
+
 
 class V2Manager(Manager):
     """cgroup v2: one directory in the unified tree, controllers enabled along its path."""
@@ -338,6 +532,41 @@ class V2Manager(Manager):
 
     def to_state(self) -> dict[str, Any]:
         return {"version": 2, "path": self.path, "created": self.created}
+
+    def dir_for(self, controller: str) -> str | None:
+        if controller in _unified_controllers(self.path):
+            return self.path
+        return None
+
+    def set_devices(self, rules: list[dict[str, Any]]) -> None:
+        # cgroup v2 has no devices files: the rules become an eBPF program on the cgroup.
+        from ._bpf import set_device_rules
+
+        set_device_rules(self.path, rules)
+
+    def _frozen_is(self, want: str) -> bool:
+        with open(os.path.join(self.path, "cgroup.events")) as f:
+            for line in f:
+                if line.startswith("frozen "):
+                    return line.split()[1] == want
+        return False
+
+    def freeze(self) -> None:
+        _write(os.path.join(self.path, "cgroup.freeze"), "1")
+        _wait_for(lambda: self._frozen_is("1"), "cgroup.events to report frozen 1")
+
+    def thaw(self) -> None:
+        _write(os.path.join(self.path, "cgroup.freeze"), "0")
+        _wait_for(lambda: self._frozen_is("0"), "cgroup.events to report frozen 0")
+
+
+def _unified_controllers(d: str) -> list[str]:
+    """The controllers a cgroup2 directory offers (enabled by its parent)."""
+    try:
+        with open(os.path.join(d, "cgroup.controllers")) as f:
+            return f.read().split()
+    except FileNotFoundError:
+        return []
 
 
 def validate_cgroups_path(value: str, field: str = "linux.cgroupsPath") -> str:

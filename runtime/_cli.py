@@ -55,11 +55,28 @@ COMMANDS: dict[str, tuple[Flags, str]] = {
              "kill sends the specified signal (default: SIGTERM) to the container's init process"),
     "delete": ({"--force": ("force", False), "-f": ("force", False)}, "delete a container"),
     "features": ({}, "show the enabled features"),
+    "pause": ({}, "pause suspends all processes inside the container"),
+    "resume": ({}, "resumes all processes that have been previously paused"),
+    "ps": ({"--format": ("format", True), "-f": ("format", True)},
+           "ps displays the processes running inside a container"),
+    "update": ({f: (d, True) for f, d in (
+        ("--resources", "resources"), ("-r", "resources"), ("--memory", "memory"),
+        ("--memory-swap", "memory_swap"), ("--memory-reservation", "memory_reservation"),
+        ("--kernel-memory", "kernel_memory"), ("--kernel-memory-tcp", "kernel_memory_tcp"),
+        ("--cpu-shares", "cpu_shares"), ("--cpu-quota", "cpu_quota"),
+        ("--cpu-period", "cpu_period"), ("--cpu-rt-period", "cpu_rt_period"),
+        ("--cpu-rt-runtime", "cpu_rt_runtime"), ("--cpuset-cpus", "cpuset_cpus"),
+        ("--cpuset-mems", "cpuset_mems"), ("--pids-limit", "pids_limit"),
+        ("--blkio-weight", "blkio_weight"), ("--l3-cache-schema", "l3_cache_schema"),
+        ("--mem-bw-schema", "mem_bw_schema"))},
+        "update container resource constraints"),
 }
-NOT_YET = ("exec", "ps", "pause", "resume", "update", "events", "checkpoint", "restore")
+NOT_YET = ("exec", "events", "checkpoint", "restore")
 USAGE_ARGS = {"create": "<container-id>", "start": "<container-id>", "run": "<container-id>",
               "state": "<container-id>", "kill": "<container-id> [signal]",
-              "delete": "<container-id>", "list": "", "spec": "", "features": ""}
+              "delete": "<container-id>", "list": "", "spec": "", "features": "",
+              "pause": "<container-id>", "resume": "<container-id>",
+              "ps": "<container-id> [ps options]", "update": "<container-id>"}
 
 
 class UsageError(CorralError):
@@ -244,10 +261,127 @@ def cmd_features(root: Root, opts: dict[str, Any], pos: list[str], g: dict[str, 
     return 0
 
 
+def cmd_pause(root: Root, opts: dict[str, Any], pos: list[str], g: dict[str, Any],
+              log: Log) -> int:
+    from ._container import pause
+
+    pause(root, _one_id(pos, "pause"))
+    return 0
+
+
+def cmd_resume(root: Root, opts: dict[str, Any], pos: list[str], g: dict[str, Any],
+               log: Log) -> int:
+    from ._container import resume
+
+    resume(root, _one_id(pos, "resume"))
+    return 0
+
+
+def cmd_ps(root: Root, opts: dict[str, Any], pos: list[str], g: dict[str, Any],
+           log: Log) -> int:
+    """`ps ID [ps options]`: ps(1)'s lines for the container's processes (default `-ef`)."""
+    from ._container import processes
+
+    if not pos:
+        raise UsageError("ps: a container id is required")
+    fmt = opts.get("format", "table")
+    if fmt not in ("table", "json"):
+        raise UsageError(f"ps: invalid format {fmt!r} (table or json)")
+    pids = processes(root, pos[0])
+    if fmt == "json":
+        sys.stdout.write(json.dumps(pids) + "\n")
+        return 0
+    import subprocess
+
+    try:
+        out = subprocess.run(["ps", *(pos[1:] or ["-ef"])], capture_output=True, check=True,
+                             text=True).stdout
+    except FileNotFoundError:
+        raise CorralError("ps: the ps command is not installed") from None
+    except subprocess.CalledProcessError as e:
+        raise CorralError(f"ps {' '.join(pos[1:])}: {e.stderr.strip()}") from None
+    lines = out.splitlines()
+    if not lines:
+        return 0
+    header = lines[0].split()
+    if "PID" not in header:
+        raise CorralError("ps: the ps options must produce a PID column")
+    col = header.index("PID")
+    wanted = {str(p) for p in pids}
+    sys.stdout.write(lines[0] + "\n")
+    for line in lines[1:]:
+        fields = line.split()
+        if len(fields) > col and fields[col] in wanted:
+            sys.stdout.write(line + "\n")
+    return 0
+
+
+_UPDATE_FLAGS: dict[str, tuple[str, str, str]] = {
+    # option -> (--flag, resources object, key); sizes accept unit suffixes
+    "memory": ("--memory", "memory", "limit"),
+    "memory_swap": ("--memory-swap", "memory", "swap"),
+    "memory_reservation": ("--memory-reservation", "memory", "reservation"),
+    "kernel_memory": ("--kernel-memory", "memory", "kernel"),
+    "kernel_memory_tcp": ("--kernel-memory-tcp", "memory", "kernelTCP"),
+    "cpu_shares": ("--cpu-shares", "cpu", "shares"),
+    "cpu_quota": ("--cpu-quota", "cpu", "quota"),
+    "cpu_period": ("--cpu-period", "cpu", "period"),
+    "cpu_rt_period": ("--cpu-rt-period", "cpu", "realtimePeriod"),
+    "cpu_rt_runtime": ("--cpu-rt-runtime", "cpu", "realtimeRuntime"),
+    "cpuset_cpus": ("--cpuset-cpus", "cpu", "cpus"),
+    "cpuset_mems": ("--cpuset-mems", "cpu", "mems"),
+    "pids_limit": ("--pids-limit", "pids", "limit"),
+    "blkio_weight": ("--blkio-weight", "blockIO", "weight"),
+}
+_SIZES = {"memory", "memory_swap", "memory_reservation", "kernel_memory", "kernel_memory_tcp"}
+
+
+def cmd_update(root: Root, opts: dict[str, Any], pos: list[str], g: dict[str, Any],
+               log: Log) -> int:
+    """`update`: --resources FILE|- (OCI LinuxResources JSON) and runc's single-value flags."""
+    from ._container import update
+    from ._resources import parse_size
+
+    cid = _one_id(pos, "update")
+    patch: dict[str, Any] = {}
+    src = opts.get("resources")
+    if src is not None:
+        try:
+            raw = sys.stdin.read() if src == "-" else open(src).read()  # noqa: SIM115
+        except OSError as e:
+            raise CorralError(f"--resources {src}: {e.strerror}") from None
+        try:
+            patch = json.loads(raw)
+        except ValueError as e:
+            raise CorralError(f"--resources {src}: invalid JSON: {e}") from None
+        if not isinstance(patch, dict):
+            raise CorralError(f"--resources {src}: must hold a JSON object (LinuxResources)")
+    for opt, (flag, obj, key) in _UPDATE_FLAGS.items():
+        if opt not in opts:
+            continue
+        text = opts[opt]
+        value: Any
+        if opt in _SIZES:
+            value = parse_size(text, flag)
+        elif opt in ("cpuset_cpus", "cpuset_mems"):
+            value = text
+        else:
+            try:
+                value = int(text)
+            except ValueError:
+                raise CorralError(f"{flag}: {text!r} is not an integer") from None
+        patch.setdefault(obj, {})[key] = value
+    if not patch:
+        raise UsageError("update: nothing to update (give --resources or a resource flag)")
+    update(root, cid, patch)
+    return 0
+
+
 HANDLERS: dict[str, Callable[[Root, dict[str, Any], list[str], dict[str, Any], Log], int]] = {
     "spec": cmd_spec, "create": cmd_create, "run": cmd_run, "start": cmd_start,
     "state": cmd_state, "list": cmd_list, "kill": cmd_kill, "delete": cmd_delete,
-    "features": cmd_features,
+    "features": cmd_features, "pause": cmd_pause, "resume": cmd_resume, "ps": cmd_ps,
+    "update": cmd_update,
 }
 
 
@@ -284,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
             raise CorralError(f"command {cmd!r} is not implemented yet")
         if cmd not in COMMANDS:
             raise UsageError(f"unknown command {cmd!r}")
-        opts, pos = _parse(cargs, COMMANDS[cmd][0], cmd)
+        opts, pos = _parse(cargs, COMMANDS[cmd][0], cmd, stop_at_positional=cmd == "ps")
         root = Root(g.get("root") or DEFAULT_ROOT)
         log.debug(f"{cmd} {' '.join(cargs)}")
         return HANDLERS[cmd](root, opts, pos, g, log)

@@ -153,6 +153,9 @@ def create_container(root: Root, cid: str, opts: CreateOptions, log: Log = NULL,
         except OSError as e:
             raise CorralError(f"linux.cgroupsPath: cannot create cgroup: {e}") from None
         state.cgroup = mgr.to_state()
+        res = cfg["linux"].get("resources") or {}
+        if res:
+            mgr.apply(res, cfg["linux"].get("devices"))
         if opts.console_socket:
             try:
                 console = _sys.connect_unix(opts.console_socket)
@@ -383,9 +386,82 @@ def delete(root: Root, cid: str, force: bool = False, log: Log = NULL) -> None:
 
 
 def _thaw(mgr: Any) -> None:
-    thaw = getattr(mgr, "thaw", None)
-    if thaw is not None:
-        thaw()
+    mgr.thaw()
+
+
+def _manager(st: State) -> Any:
+    from ._cgroups import manager_from_state
+
+    if not st.cgroup:
+        raise CorralError(f"container {st.id!r} has no cgroup")
+    return manager_from_state(st.cgroup)
+
+
+def pause(root: Root, cid: str) -> None:
+    """Freeze every process of a running container (returns once really frozen)."""
+    lock, st = _locked_state(root, cid)
+    try:
+        status = st.status()
+        if status != "running":
+            raise CorralError(f"cannot pause container {cid!r}: it is {status}, not running")
+        _manager(st).freeze()
+    finally:
+        lock.__exit__()
+
+
+def resume(root: Root, cid: str) -> None:
+    """Thaw a paused container."""
+    lock, st = _locked_state(root, cid)
+    try:
+        status = st.status()
+        if status != "paused":
+            raise CorralError(f"cannot resume container {cid!r}: it is {status}, not paused")
+        _manager(st).thaw()
+    finally:
+        lock.__exit__()
+
+
+def _merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in patch.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def update(root: Root, cid: str, patch: dict[str, Any]) -> None:
+    """Change a created, running or paused container's resources; all or nothing.
+
+    `patch` is OCI LinuxResources: the fields given replace the container's (objects merge,
+    arrays are replaced); the result is applied and kept in the container's state.
+    """
+    lock, st = _locked_state(root, cid)
+    try:
+        status = st.status()
+        if status == "stopped":
+            raise CorralError(f"cannot update container {cid!r}: it is stopped")
+        lx = st.config.setdefault("linux", {})
+        merged = _merge(lx.get("resources") or {}, patch)
+        from ._errors import ConfigError
+
+        try:
+            _manager(st).apply(merged, lx.get("devices"), with_devices="devices" in patch)
+        except ConfigError as e:
+            raise CorralError(f"update: {e.field}: {e.problem}") from None
+        lx["resources"] = merged
+        st.save()
+    finally:
+        lock.__exit__()
+
+
+def processes(root: Root, cid: str) -> list[int]:
+    """The pids of every process in the container's cgroup."""
+    st = root.load(cid)
+    if st.status() == "stopped":
+        return []
+    return sorted(_manager(st).pids())
 
 
 def wait_exit(st: State) -> int:
