@@ -56,6 +56,9 @@ COMMANDS: dict[str, tuple[Flags, str]] = {
     "delete": ({"--force": ("force", False), "-f": ("force", False)}, "delete a container"),
     "features": ({}, "show the enabled features"),
     "pause": ({}, "pause suspends all processes inside the container"),
+    "events": ({"--stats": ("stats", False), "--interval": ("interval", True)},
+               "display container events such as OOM notifications and cpu, memory, and IO "
+               "usage statistics"),
     "resume": ({}, "resumes all processes that have been previously paused"),
     "ps": ({"--format": ("format", True), "-f": ("format", True)},
            "ps displays the processes running inside a container"),
@@ -71,11 +74,12 @@ COMMANDS: dict[str, tuple[Flags, str]] = {
         ("--mem-bw-schema", "mem_bw_schema"))},
         "update container resource constraints"),
 }
-NOT_YET = ("exec", "events", "checkpoint", "restore")
+NOT_YET = ("exec", "checkpoint", "restore")
 USAGE_ARGS = {"create": "<container-id>", "start": "<container-id>", "run": "<container-id>",
               "state": "<container-id>", "kill": "<container-id> [signal]",
               "delete": "<container-id>", "list": "", "spec": "", "features": "",
               "pause": "<container-id>", "resume": "<container-id>",
+              "events": "<container-id>",
               "ps": "<container-id> [ps options]", "update": "<container-id>"}
 
 
@@ -261,6 +265,14 @@ def cmd_features(root: Root, opts: dict[str, Any], pos: list[str], g: dict[str, 
     return 0
 
 
+def cmd_events(root: Root, opts: dict[str, Any], pos: list[str], g: dict[str, Any],
+               log: Log) -> int:
+    from ._events import events, parse_duration, write_stdout
+
+    return events(root, _one_id(pos, "events"), stats_only=bool(opts.get("stats")),
+                  interval=parse_duration(opts.get("interval", "5s")), write=write_stdout)
+
+
 def cmd_pause(root: Root, opts: dict[str, Any], pos: list[str], g: dict[str, Any],
               log: Log) -> int:
     from ._container import pause
@@ -380,8 +392,8 @@ def cmd_update(root: Root, opts: dict[str, Any], pos: list[str], g: dict[str, An
 HANDLERS: dict[str, Callable[[Root, dict[str, Any], list[str], dict[str, Any], Log], int]] = {
     "spec": cmd_spec, "create": cmd_create, "run": cmd_run, "start": cmd_start,
     "state": cmd_state, "list": cmd_list, "kill": cmd_kill, "delete": cmd_delete,
-    "features": cmd_features, "pause": cmd_pause, "resume": cmd_resume, "ps": cmd_ps,
-    "update": cmd_update,
+    "features": cmd_features, "events": cmd_events, "pause": cmd_pause,
+    "resume": cmd_resume, "ps": cmd_ps, "update": cmd_update,
 }
 
 
