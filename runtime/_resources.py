@@ -69,15 +69,21 @@ def parse_size(text: str, field: str) -> int:
         if t.endswith(tail) and len(t) > len(tail):
             t = t[: -len(tail)]
             break
+    if t.startswith("-"):
+        raise CorralError(f"{field}: {text!r}: a size must not be negative (-1 means unlimited)")
     unit = t[-1:] if t[-1:] in _SUFFIX and t[-1:] else ""
     num = t[: len(t) - len(unit)] if unit else t
+    whole, dot, frac = num.partition(".")
     try:
-        value = float(num) if "." in num else int(num)
+        # Plain ASCII digits with at most one fraction: int()/float() would also take
+        # "1_000", "+5" and "1e3", which runc's RAMInBytes refuses.
+        if not (whole.isascii() and whole.isdigit()) or (
+                dot and not (frac.isascii() and frac.isdigit())):
+            raise ValueError(num)
+        value = float(num) if dot else int(num)
     except ValueError:
         raise CorralError(f"{field}: {text!r} is not a size (like 64M, 512k, 1g or -1)"
                           ) from None
-    if value < 0:
-        raise CorralError(f"{field}: {text!r}: a size must not be negative (-1 means unlimited)")
     return int(value * _SUFFIX[unit])
 
 
@@ -115,8 +121,8 @@ def _cpuset(v: Any, field: str) -> str:
         part = part.strip()
         if not part:
             continue
-        lo, _, hi = part.partition("-")
-        if not lo.isdigit() or (hi and not hi.isdigit()):
+        lo, dash, hi = part.partition("-")
+        if not (lo.isascii() and lo.isdigit()) or (dash and not (hi.isascii() and hi.isdigit())):
             raise ConfigError(field, f"{v!r} is not a list like \"0-2,4\"")
     return v
 
@@ -385,9 +391,9 @@ def device_rules(res: dict[str, Any], devices: list[dict[str, Any]] | None = Non
     for t, ma, mi, acc in DEFAULT_ALLOWED:
         out.append({"allow": True, "type": t, "major": ma, "minor": mi, "access": acc})
     for d in devices or []:
-        if d.get("type") in ("c", "b"):
-            out.append({"allow": True, "type": d["type"], "major": d.get("major"),
-                        "minor": d.get("minor"), "access": "rwm"})
+        if d.get("type") in ("c", "u", "b"):  # "u" (unbuffered) is a character device
+            out.append({"allow": True, "type": "b" if d["type"] == "b" else "c",
+                        "major": d.get("major"), "minor": d.get("minor"), "access": "rwm"})
     return out
 
 
