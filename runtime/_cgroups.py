@@ -121,14 +121,22 @@ def _rmdirs(created: list[str]) -> None:
             except FileNotFoundError:
                 break
             except OSError as e:
-                # EBUSY: tasks of a just-killed container are still leaving; ENOTEMPTY: a
-                # parent that another container still uses (not ours to remove).
-                if e.errno == errno.EBUSY and time.monotonic() < deadline:
+                # EBUSY: tasks of a just-killed container are still leaving (wait for them),
+                # or child cgroups: a parent another container still uses (leave it).
+                if (e.errno == errno.EBUSY and time.monotonic() < deadline
+                        and not _has_children(d)):
                     time.sleep(0.005)
                     continue
                 if e.errno in (errno.ENOTEMPTY, errno.EBUSY):
                     break
                 raise
+
+
+def _has_children(d: str) -> bool:
+    try:
+        return any(e.is_dir(follow_symlinks=False) for e in os.scandir(d))
+    except OSError:
+        return False
 
 
 def _read_pids(path: str) -> list[int]:
@@ -194,11 +202,15 @@ class MigrationWarmup:
 class Manager:
     """What the runtime needs from a cgroup implementation, whatever the version.
 
+    `own_parent`: the parent directories are corral's own (`/corral`), to be removed once
+    empty, whichever container made them.
+
     A plain base class rather than a typing.Protocol: importing typing would cost every
     `corral` command ~4 ms.
     """
 
     version = 0
+    own_parent = False
 
     def create(self) -> None:
         """Make the container's directories (recording which ones corral made)."""
@@ -377,11 +389,14 @@ class V1Manager(Manager):
             return False
 
     def destroy(self) -> None:
-        _rmdirs(self.created)
+        dirs = [*self.paths.values(), *([self.unified] if self.unified else [])]
+        parents = [os.path.dirname(d) for d in dirs] if self.own_parent else []
+        _rmdirs(self.created + [p for p in parents if p not in self.created])
 
     def to_state(self) -> dict[str, Any]:
         return {"version": 1, "paths": self.paths, "mounts": self.mounts,
-                "created": self.created, "unified": self.unified}
+                "created": self.created, "unified": self.unified,
+                "own_parent": self.own_parent}
 
     def dir_for(self, controller: str) -> str | None:
         for key, d in self.paths.items():
@@ -528,10 +543,13 @@ class V2Manager(Manager):
             return False
 
     def destroy(self) -> None:
-        _rmdirs(self.created)
+        parent = os.path.dirname(self.path)
+        extra = [parent] if self.own_parent and parent not in self.created else []
+        _rmdirs(self.created + extra)
 
     def to_state(self) -> dict[str, Any]:
-        return {"version": 2, "path": self.path, "created": self.created}
+        return {"version": 2, "path": self.path, "created": self.created,
+                "own_parent": self.own_parent}
 
     def dir_for(self, controller: str) -> str | None:
         if controller in _unified_controllers(self.path):
@@ -586,9 +604,20 @@ def new_manager(cgroups_path: str | None, cid: str, systemd: bool = False) -> Ma
     path = validate_cgroups_path(cgroups_path) if cgroups_path else f"/corral/{cid}"
     hs = hierarchies()
     own = own_cgroups()
+    mgr: Manager
     if any(h.version == 2 and h.mountpoint == CGROUP_ROOT for h in hs):
         h2 = next(h for h in hs if h.mountpoint == CGROUP_ROOT)
-        return V2Manager(_rel(CGROUP_ROOT, own.get("", "/"), h2.mount_root, path))
+        mgr = V2Manager(_rel(CGROUP_ROOT, own.get("", "/"), h2.mount_root, path))
+    else:
+        mgr = _new_v1(hs, own, path)
+    if not cgroups_path:
+        # `/corral` is corral's own parent, shared by every container placed by default:
+        # whichever container is deleted last removes it (rmdir of a busy one just fails).
+        mgr.own_parent = True
+    return mgr
+
+
+def _new_v1(hs: list[Hierarchy], own: dict[str, str], path: str) -> Manager:
     v1 = [h for h in hs if h.version == 1]
     if not v1:
         raise CorralError("no cgroup filesystem is mounted under /sys/fs/cgroup")
@@ -607,7 +636,11 @@ def new_manager(cgroups_path: str | None, cid: str, systemd: bool = False) -> Ma
 
 def manager_from_state(data: dict[str, Any]) -> Manager:
     """Rebuild a container's manager from what `to_state` saved."""
+    mgr: Manager
     if data.get("version") == 2:
-        return V2Manager(data["path"], list(data.get("created", [])))
-    return V1Manager(dict(data["paths"]), dict(data["mounts"]), list(data.get("created", [])),
-                     data.get("unified"))
+        mgr = V2Manager(data["path"], list(data.get("created", [])))
+    else:
+        mgr = V1Manager(dict(data["paths"]), dict(data["mounts"]),
+                        list(data.get("created", [])), data.get("unified"))
+    mgr.own_parent = bool(data.get("own_parent"))
+    return mgr

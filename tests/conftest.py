@@ -445,6 +445,9 @@ def cgroups_named(ids: Sequence[str]) -> list[Path]:
 
     for ctrl in sorted(CGROUP_ROOT.iterdir()):
         if ctrl.is_dir() and not ctrl.is_symlink():
+            # On pure v2 the top-level directories are cgroups themselves.
+            if any(i in ctrl.name for i in ids):
+                found.append(ctrl)
             walk(ctrl, 1)
     return found
 
