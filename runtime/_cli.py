@@ -55,6 +55,17 @@ COMMANDS: dict[str, tuple[Flags, str]] = {
              "kill sends the specified signal (default: SIGTERM) to the container's init process"),
     "delete": ({"--force": ("force", False), "-f": ("force", False)}, "delete a container"),
     "features": ({}, "show the enabled features"),
+    "exec": ({
+        "--process": ("process", True), "-p": ("process", True),
+        "--console-socket": ("console_socket", True), "--pid-file": ("pid_file", True),
+        "--detach": ("detach", False), "-d": ("detach", False), "--tty": ("tty", False),
+        "-t": ("tty", False), "--user": ("user", True), "-u": ("user", True),
+        "--additional-gids": ("additional_gids+", True), "-g": ("additional_gids+", True),
+        "--cwd": ("cwd", True), "--env": ("env+", True), "-e": ("env+", True),
+        "--cap": ("cap+", True), "-c": ("cap+", True), "--no-new-privs": ("no_new_privs", False),
+        "--preserve-fds": ("preserve_fds", True), "--ignore-paused": ("ignore_paused", False),
+        "--process-label": ("process_label", True), "--apparmor": ("apparmor", True),
+    }, "execute new process inside the container"),
     "pause": ({}, "pause suspends all processes inside the container"),
     "events": ({"--stats": ("stats", False), "--interval": ("interval", True)},
                "display container events such as OOM notifications and cpu, memory, and IO "
@@ -74,12 +85,13 @@ COMMANDS: dict[str, tuple[Flags, str]] = {
         ("--mem-bw-schema", "mem_bw_schema"))},
         "update container resource constraints"),
 }
-NOT_YET = ("exec", "checkpoint", "restore")
+NOT_YET = ("checkpoint", "restore")
 USAGE_ARGS = {"create": "<container-id>", "start": "<container-id>", "run": "<container-id>",
               "state": "<container-id>", "kill": "<container-id> [signal]",
               "delete": "<container-id>", "list": "", "spec": "", "features": "",
               "pause": "<container-id>", "resume": "<container-id>",
               "events": "<container-id>",
+              "exec": "<container-id> <command> [command options]",
               "ps": "<container-id> [ps options]", "update": "<container-id>"}
 
 
@@ -117,7 +129,10 @@ def _parse(argv: list[str], flags: Flags, where: str, stop_at_positional: bool =
                     raise UsageError(f"{where}: flag {name} needs a value")
                 value = argv[i]
                 i += 1
-            opts[dest] = value
+            if dest.endswith("+"):  # repeatable: -e A=1 -e B=2
+                opts.setdefault(dest[:-1], []).append(value)
+            else:
+                opts[dest] = value
         else:
             if eq and value.lower() not in ("true", "false", "1", "0"):
                 raise UsageError(f"{where}: flag {name} takes true or false, not {value!r}")
@@ -265,6 +280,36 @@ def cmd_features(root: Root, opts: dict[str, Any], pos: list[str], g: dict[str, 
     return 0
 
 
+def cmd_exec(root: Root, opts: dict[str, Any], pos: list[str], g: dict[str, Any],
+             log: Log) -> int:
+    from ._exec import ExecOptions, exec_container
+
+    if not pos:
+        raise UsageError("exec: a container id is required")
+    for flag in ("process_label", "apparmor"):
+        if opts.get(flag):
+            raise CorralError(f"exec: --{flag.replace('_', '-')} is not supported (no LSM "
+                              "support yet)")
+    eo = ExecOptions()
+    eo.process_file = opts.get("process")
+    eo.console_socket = opts.get("console_socket")
+    eo.pid_file = opts.get("pid_file")
+    eo.detach = bool(opts.get("detach"))
+    eo.tty = bool(opts.get("tty"))
+    eo.user = opts.get("user")
+    eo.additional_gids = opts.get("additional_gids", [])
+    eo.cwd = opts.get("cwd")
+    eo.env = opts.get("env", [])
+    eo.caps = opts.get("cap", [])
+    eo.no_new_privs = bool(opts.get("no_new_privs"))
+    eo.ignore_paused = bool(opts.get("ignore_paused"))
+    try:
+        eo.preserve_fds = int(opts.get("preserve_fds", "0"))
+    except ValueError:
+        raise UsageError(f"--preserve-fds: {opts['preserve_fds']!r} is not a number") from None
+    return exec_container(root, pos[0], pos[1:], eo, log)
+
+
 def cmd_events(root: Root, opts: dict[str, Any], pos: list[str], g: dict[str, Any],
                log: Log) -> int:
     from ._events import events, parse_duration, write_stdout
@@ -392,7 +437,7 @@ def cmd_update(root: Root, opts: dict[str, Any], pos: list[str], g: dict[str, An
 HANDLERS: dict[str, Callable[[Root, dict[str, Any], list[str], dict[str, Any], Log], int]] = {
     "spec": cmd_spec, "create": cmd_create, "run": cmd_run, "start": cmd_start,
     "state": cmd_state, "list": cmd_list, "kill": cmd_kill, "delete": cmd_delete,
-    "features": cmd_features, "events": cmd_events, "pause": cmd_pause,
+    "features": cmd_features, "events": cmd_events, "exec": cmd_exec, "pause": cmd_pause,
     "resume": cmd_resume, "ps": cmd_ps, "update": cmd_update,
 }
 
@@ -430,7 +475,8 @@ def main(argv: list[str] | None = None) -> int:
             raise CorralError(f"command {cmd!r} is not implemented yet")
         if cmd not in COMMANDS:
             raise UsageError(f"unknown command {cmd!r}")
-        opts, pos = _parse(cargs, COMMANDS[cmd][0], cmd, stop_at_positional=cmd == "ps")
+        opts, pos = _parse(cargs, COMMANDS[cmd][0], cmd,
+                           stop_at_positional=cmd in ("ps", "exec"))
         root = Root(g.get("root") or DEFAULT_ROOT)
         log.debug(f"{cmd} {' '.join(cargs)}")
         return HANDLERS[cmd](root, opts, pos, g, log)

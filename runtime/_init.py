@@ -104,6 +104,10 @@ def _die(sock: _sys.Socket | None, err: BaseException) -> NoReturn:
 def stage1(sock: _sys.Socket) -> NoReturn:
     """Join and create namespaces, fork the init, report its pid, exit."""
     try:
+        # Non-dumpable until the exec: no process of the container may open this one's
+        # /proc/PID/exe or memory, which are the host's Python (CVE-2019-5736). The init
+        # inherits it; exec of the container's own binary resets it.
+        L.prctl(L.PR_SET_DUMPABLE, 0)
         boot = recv(sock)
         if boot is None:
             os._exit(1)
@@ -438,8 +442,15 @@ def _loopback_up() -> None:
 
 
 def _setup_console(boot: dict[str, Any]) -> None:
-    """Make a pty, put its slave on stdio and /dev/console, send its master to the caller."""
-    proc = boot["config"]["process"]
+    setup_terminal(boot["config"]["process"], boot["console_fd"], bind_console=True)
+
+
+def setup_terminal(proc: dict[str, Any], console_fd: int, bind_console: bool) -> None:
+    """Make a pty, put its slave on stdio (and /dev/console), send its master to the caller.
+
+    Runs inside the container (after pivot_root, or after joining its mount namespace for
+    `exec`), so that the pty belongs to the container's devpts instance.
+    """
     master = os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
     fcntl.ioctl(master, TIOCSPTLCK, struct.pack("i", 0))
     n = struct.unpack("I", fcntl.ioctl(master, TIOCGPTN, struct.pack("I", 0)))[0]
@@ -451,12 +462,13 @@ def _setup_console(boot: dict[str, Any]) -> None:
     if size:
         fcntl.ioctl(slave, TIOCSWINSZ, struct.pack("HHHH", size.get("height", 0),
                                                    size.get("width", 0), 0, 0))
-    try:
-        _make_target("/dev/console", False)
-        L.mount(slave_path, "/dev/console", None, L.MS_BIND)
-    except OSError:
-        pass  # no writable /dev: the process still gets the pty on its stdio
-    csock = _sys.from_fd(boot["console_fd"])
+    if bind_console:
+        try:
+            _make_target("/dev/console", False)
+            L.mount(slave_path, "/dev/console", None, L.MS_BIND)
+        except OSError:
+            pass  # no writable /dev: the process still gets the pty on its stdio
+    csock = _sys.from_fd(console_fd)
     _sys.send_fds(csock, slave_path.encode(), [master])
     csock.close()
     os.close(master)
