@@ -6,7 +6,8 @@ container must never reach its /proc/PID/exe or memory, the CVE-2019-5736 class)
 init's namespaces, prepares what must be loaded from the host (the seccomp filter), joins the
 user namespace first and the mount namespace last, and forks: joining a pid namespace only
 applies to children. The child, now inside every namespace, sets up its terminal, working
-directory, rlimits and privileges, and execs; the end of file on the shared socket (it is
+directory, rlimits, privileges and seccomp filter (the container's, or the one in
+--process), and execs; the end of file on the shared socket (it is
 close-on-exec) tells the runtime the exec happened, and an error message that it did not.
 
 Messages (JSON, one per datagram, as in _init):
@@ -32,6 +33,7 @@ from ._init import (
     send,
     setup_terminal,
 )
+from ._seccomp import load_around, prepare  # light: ctypes only inside prepare()
 from ._spec import CAP_BITS, CAP_SETS, NAMESPACES, _validate_process
 from ._state import Root, proc_stat
 
@@ -154,9 +156,7 @@ def _joiner(sock: _sys.Socket) -> NoReturn:
             raise CorralError("the container's init exited")
         filt = None
         if msg.get("seccomp"):
-            from ._seccomp import prepare  # loads libseccomp while host paths still resolve
-
-            filt = prepare(msg["seccomp"])
+            filt = prepare(msg["seccomp"])  # loads libseccomp while host paths still resolve
         order = sorted(fds, key=lambda f: {"user": 0, "mount": 2}.get(f[0], 1))
         for typ, fd in order:
             L.setns(fd, NAMESPACES[typ][0])
@@ -186,12 +186,9 @@ def _in_container(sock: _sys.Socket, msg: dict[str, Any], proc: dict[str, Any],
             raise CorralError(f"cwd {cwd}: {e.strerror}") from None
         _apply_rlimits(proc)
         path = _lookup(proc["args"][0], proc.get("env") or [], cwd)
-        nnp = bool(proc.get("noNewPrivileges"))
-        if filt is not None and not nnp:
-            filt.load()  # loading without no_new_privs needs CAP_SYS_ADMIN: before the drop
-        done = finalize_process(proc, msg["preserve_fds"])
-        if filt is not None and nnp:
-            filt.load()
+        # Without no_new_privs, loading the filter needs CAP_SYS_ADMIN: before the drop.
+        done = load_around(filt, bool(proc.get("noNewPrivileges")),
+                           lambda: finalize_process(proc, msg["preserve_fds"]))
         # The socket is close-on-exec: its end of file tells the runtime the exec happened.
         exec_process(path, proc["args"], done["env"], msg["preserve_fds"])
     except BaseException as e:

@@ -633,6 +633,9 @@ def container_init(sock: _sys.Socket, boot: dict[str, Any]) -> NoReturn:
             import subprocess  # noqa: F401 - needed after pivot_root, when imports fail
 
         run_hooks(cfg, "createContainer", state)
+        from ._seccomp import load_around, prepare  # loads libseccomp: before pivot_root
+
+        filt = prepare(lx["seccomp"]) if lx.get("seccomp") else None
         _pivot(boot["rootfs"], boot["no_pivot"])
         if proc.get("terminal"):
             _setup_console(boot)
@@ -672,7 +675,8 @@ def container_init(sock: _sys.Socket, boot: dict[str, Any]) -> NoReturn:
             pass
         os.close(fifo)
         run_hooks(cfg, "startContainer", state)
-        done = finalize_process(proc, boot["preserve_fds"])
+        done = load_around(filt, bool(proc.get("noNewPrivileges")),
+                           lambda: finalize_process(proc, boot["preserve_fds"]))
         sys.stdout.flush()
         exec_process(path, proc["args"], done["env"], boot["preserve_fds"])
     except BaseException as e:

@@ -125,6 +125,8 @@ def default_spec() -> dict[str, Any]:
 
 def features() -> dict[str, Any]:
     """What `corral features` prints: the same shape as runc's."""
+    from ._seccomp import features as seccomp_features
+
     return {
         "ociVersionMin": "1.0.0",
         "ociVersionMax": "1.0.2-dev",
@@ -134,7 +136,7 @@ def features() -> dict[str, Any]:
             "namespaces": sorted(NAMESPACES),
             "capabilities": list(CAPABILITIES),
             "cgroup": {"v1": True, "v2": True, "systemd": False, "systemdUser": False},
-            "seccomp": {"enabled": False},
+            "seccomp": seccomp_features(),
             "apparmor": {"enabled": False},
             "selinux": {"enabled": False},
         },
@@ -343,8 +345,10 @@ def _validate_linux(lx: Any, cfg: dict[str, Any]) -> None:
             _int(d["fileMode"], f"{f}.fileMode", 0, 0o7777)
     if "resources" in lx:
         _obj(lx["resources"], "linux.resources")
-    if lx.get("seccomp"):
-        raise ConfigError("linux.seccomp", "seccomp is not supported yet by corral; remove it")
+    if lx.get("seccomp") is not None:  # null: no filter, as in runc
+        from ._seccomp import validate as validate_seccomp
+
+        validate_seccomp(lx["seccomp"], "linux.seccomp")
     if "hostname" in cfg and cfg["hostname"] and "uts" not in seen:
         raise ConfigError("hostname", "setting a hostname needs a new uts namespace")
     if "domainname" in cfg and cfg["domainname"] and "uts" not in seen:
