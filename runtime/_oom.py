@@ -349,8 +349,12 @@ class OomWatcher:
         """
         if self._pending_since is None or self._fd < 0:
             return None
-        left = self._pending_since + PENDING_GRACE - time.monotonic()
-        return max(0.0, min(RECHECK, left))
+        now = time.monotonic()
+        left = self._pending_since + PENDING_GRACE - now
+        # The kill usually follows the notification within a millisecond: look again soon,
+        # then less and less often (0.5 ms, doubling, up to RECHECK).
+        step = min(RECHECK, max(0.0005, now - self._pending_since))
+        return max(0.0, min(step, left))
 
     def final_check(self) -> list[OomKill]:
         """`check()` once more after the container's process exited (kills racing the exit).

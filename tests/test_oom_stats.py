@@ -263,7 +263,9 @@ def test_v1_levels_from_the_notifications(tmp_path):
         # The container's own limit: only its fd is signalled, before the kill.
         os.eventfd_write(w.fileno(), 1)
         assert w.check() == []
-        assert w.recheck_in() == pytest.approx(_oom.RECHECK, abs=0.01)
+        # Soon after the notification (the kill usually follows within a millisecond),
+        # never later than RECHECK.
+        assert 0 < w.recheck_in() <= _oom.RECHECK
         control.write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 1\n")
         assert w.check() == [OomKill(1, "container")]
         # The parent's limit: the kernel signals the parent and everything below it.
