@@ -476,6 +476,30 @@ def wait_exit(st: State) -> int:
     return os.WEXITSTATUS(status)
 
 
+def wait_forwarding(st: State, master: int = -1, saved: list[Any] | None = None) -> int:
+    """Wait for `st`'s process, forwarding our signals to it; proxy its pty if `master`.
+
+    Shared by `run` and `exec`, which both stand in the foreground for a container process.
+    """
+    def forward(signum: int, _frame: object) -> None:
+        try:
+            signal_init(st, signum)
+        except CorralError:
+            pass
+
+    for sig in _sys.FORWARDED:
+        _sys.set_handler(sig, forward)
+    try:
+        if master >= 0:
+            from ._tty import proxy
+
+            proxy(master, saved)
+        return wait_exit(st)
+    finally:
+        for sig in _sys.FORWARDED:
+            _sys.set_handler(sig, _sys.SIG_DFL)
+
+
 def run(root: Root, cid: str, opts: CreateOptions, detach: bool = False, keep: bool = False,
         log: Log = NULL) -> int:
     """create + start, then (unless `detach`) wait and return the container's exit status.
@@ -513,22 +537,7 @@ def run(root: Root, cid: str, opts: CreateOptions, detach: bool = False, keep: b
         raise
     if detach:
         return 0
-
-    def forward(signum: int, _frame: object) -> None:
-        try:
-            signal_init(st, signum)
-        except CorralError:
-            pass
-
-    for s in _sys.FORWARDED:
-        _sys.set_handler(s, forward)
-    if master >= 0:
-        from ._tty import proxy
-
-        proxy(master, saved)
-    code = wait_exit(st)
-    for s in _sys.FORWARDED:
-        _sys.set_handler(s, _sys.SIG_DFL)
+    code = wait_forwarding(st, master, saved)
     if not keep:
         delete(root, cid, force=True, log=log)
     return code

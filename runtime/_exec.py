@@ -199,7 +199,7 @@ def exec_container(root: Root, cid: str, args: list[str], opts: ExecOptions,
                    log: Log) -> int:
     """Run a process in container `cid`; its exit status, or 0 with --detach."""
     from ._cgroups import manager_from_state
-    from ._container import _reap, signal_init, wait_exit
+    from ._container import _reap, wait_forwarding
     from ._state import State, write_atomic
 
     st = root.load(cid)
@@ -291,20 +291,9 @@ def exec_container(root: Root, cid: str, args: list[str], opts: ExecOptions,
     me = State(st.dir, {"id": cid, "bundle": st.bundle, "rootfs": st.rootfs,
                         "created": st.created, "pid": target,
                         "start_time": ps[1] if ps else -1})
-
-    def forward(signum: int, _frame: object) -> None:
-        try:
-            signal_init(me, signum)
-        except CorralError:
-            pass
-
-    for sig in _sys.FORWARDED:
-        _sys.set_handler(sig, forward)
+    saved = None
     if master >= 0:
-        from ._tty import prepare, proxy
+        from ._tty import prepare
 
-        proxy(master, prepare(master))
-    code = wait_exit(me)
-    for sig in _sys.FORWARDED:
-        _sys.set_handler(sig, _sys.SIG_DFL)
-    return code
+        saved = prepare(master)
+    return wait_forwarding(me, master, saved)
