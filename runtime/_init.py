@@ -661,6 +661,13 @@ def container_init(sock: _sys.Socket, boot: dict[str, Any]) -> NoReturn:
         except OSError as e:
             raise CorralError(f"process.cwd: {proc['cwd']}: {e.strerror}") from None
         path = _lookup(proc["args"][0], proc.get("env") or [], proc["cwd"])
+        # Drop to the process's user and capabilities now, not after `start`: a created
+        # container must not hold the runtime's privileges while it waits (runc does the
+        # same). Without no_new_privs the seccomp filter must be loaded while CAP_SYS_ADMIN
+        # is still there; with it, as late as possible, just before exec.
+        nnp = bool(proc.get("noNewPrivileges"))
+        done = load_around(filt if not nnp else None, nnp,
+                           lambda: finalize_process(proc, boot["preserve_fds"]))
         send(sock, {"type": "created"})
         _expect_ok(sock)
         sock.close()
@@ -674,9 +681,9 @@ def container_init(sock: _sys.Socket, boot: dict[str, Any]) -> NoReturn:
         while not os.read(fifo, 1):
             pass
         os.close(fifo)
-        run_hooks(cfg, "startContainer", state)
-        done = load_around(filt, bool(proc.get("noNewPrivileges")),
-                           lambda: finalize_process(proc, boot["preserve_fds"]))
+        run_hooks(cfg, "startContainer", state)  # with the process's privileges, as runc
+        if filt is not None and nnp:
+            filt.load()
         sys.stdout.flush()
         exec_process(path, proc["args"], done["env"], boot["preserve_fds"])
     except BaseException as e:
