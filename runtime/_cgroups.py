@@ -587,6 +587,29 @@ def _unified_controllers(d: str) -> list[str]:
         return []
 
 
+def check_systemd_path(cgroups_path: str) -> None:
+    """`--systemd-cgroup`: accept runc's `slice:prefix:name`, then say why it cannot be used.
+
+    The systemd driver asks systemd (over D-Bus) for a transient scope; without a running
+    systemd there is nobody to ask, and corral does not implement the D-Bus side yet.
+
+    Raises:
+        CorralError: always; naming the malformed path, or the reason.
+    """
+    if cgroups_path:
+        parts = cgroups_path.split(":")
+        if len(parts) != 3 or not parts[2] or (parts[0] and not parts[0].endswith(".slice")):
+            from ._errors import ConfigError
+
+            raise ConfigError("linux.cgroupsPath", f"{cgroups_path!r}: with --systemd-cgroup it "
+                              "must be slice:prefix:name (e.g. system.slice:corral:ID)")
+    if not os.path.isdir("/run/systemd/system"):
+        raise CorralError("--systemd-cgroup: systemd is not running on this host (no "
+                          "/run/systemd/system); run without --systemd-cgroup to use cgroupfs")
+    raise CorralError("--systemd-cgroup: the systemd cgroup driver is not supported yet; run "
+                      "without --systemd-cgroup to use cgroupfs")
+
+
 def validate_cgroups_path(value: str, field: str = "linux.cgroupsPath") -> str:
     """Refuse paths with `..` components: a container's cgroup must not climb out."""
     if ".." in value.split("/"):
@@ -599,8 +622,7 @@ def validate_cgroups_path(value: str, field: str = "linux.cgroupsPath") -> str:
 def new_manager(cgroups_path: str | None, cid: str, systemd: bool = False) -> Manager:
     """The manager for a new container placed at `cgroups_path` (default `/corral/<id>`)."""
     if systemd:
-        raise CorralError("--systemd-cgroup: the systemd cgroup driver is not supported yet; "
-                          "run without --systemd-cgroup (cgroupfs driver)")
+        check_systemd_path(cgroups_path or "")
     path = validate_cgroups_path(cgroups_path) if cgroups_path else f"/corral/{cid}"
     hs = hierarchies()
     own = own_cgroups()
