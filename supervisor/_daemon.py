@@ -359,10 +359,20 @@ class Daemon:
             sup.state, sup.reason = "fatal", f"internal error: {eg!r}"
 
     def load(self) -> dict[str, ContainerSpec]:
-        """The container files, the bad ones logged and skipped."""
+        """The container files, the bad ones logged and skipped.
+
+        A file that is now bad but was good before keeps its running container as it is: a
+        typo in an edit must not stop a container on reload.
+        """
         specs, errors = load_dir(self.spec.config_dir)
         for e in errors:
-            log.error("%s (skipped)", e)
+            name = os.path.basename(str(e.file)).removesuffix(".toml")
+            sup = getattr(self, "supervisors", {}).get(name)
+            if sup is not None and name not in specs:
+                specs[name] = sup.spec
+                log.error("%s (kept running with its previous configuration)", e)
+            else:
+                log.error("%s (skipped)", e)
         if "bundles" in specs:
             log.error("bundles: the name is reserved for corrald's bundle directory (skipped)")
             del specs["bundles"]

@@ -258,6 +258,20 @@ def test_sighup_reload_adds_removes_and_keeps(corrald: Corrald) -> None:
 
 
 @pytest.mark.root
+def test_sighup_with_a_broken_edit_keeps_the_container(corrald: Corrald) -> None:
+    name = corrald.add("while :; do sleep 0.1; done", '[stop]\ntimeout = "200ms"')
+    corrald.start()
+    corrald.wait_for(rf"{name}: state starting -> running")
+    (corrald.conf / f"{name}.toml").write_text("[container\nbroken = ")
+    assert corrald.proc is not None
+    corrald.proc.send_signal(signal.SIGHUP)
+    corrald.wait_for(rf"{name}.toml.*kept running with its previous configuration")
+    corrald.wait_for(rf"reload: .*keep {name}")
+    assert f"{name}: state running -> stopping" not in corrald.text
+    assert corrald.terminate() == 0
+
+
+@pytest.mark.root
 def test_losing_the_helper_stops_everything_and_exits_1(corrald: Corrald) -> None:
     name = corrald.add("while :; do sleep 0.1; done")
     corrald.start()
