@@ -72,6 +72,13 @@ class Corrald:
         (self.conf / f"{name}.toml").write_text(text)
         return name
 
+    def add_as(self, name: str, command: str, *sections: str) -> None:
+        """Rewrite container `name`'s file with another command (for reload tests)."""
+        argv = json.dumps(["sh", "-c", command])
+        text = f'[container]\nrootfs = "{self.rt.rootfs}"\ncommand = {argv}\n'
+        text += "".join(s.strip() + "\n" for s in sections)
+        (self.conf / f"{name}.toml").write_text(text)
+
     def start(self) -> None:
         env = {**os.environ, "NOTIFY_SOCKET": self.notify_path}
         with open(self.err, "wb") as err:
@@ -172,6 +179,60 @@ def test_crash_loop_restarts_max_retries_then_exited(corrald: Corrald) -> None:
     assert corrald.text.count(f"{name}: state stopped -> starting") == 1
     assert corrald.text.count(f"{name}: state backoff -> starting") == 3
     assert _states(corrald, name)[-1] == "exited"
+    assert corrald.terminate() == 0
+
+
+@pytest.mark.root
+def test_crash_loop_follows_the_configured_backoff(corrald: Corrald) -> None:
+    """The delays decided between restarts double from backoff_initial up to backoff_max.
+
+    (The delays themselves are timed by trio and checked with MockClock in
+    test_supervisor_policy.py; here the daemon's decisions are read from its log.)
+    """
+    name = corrald.add("exit 2", '[restart]\npolicy = "on-failure"\nmax_retries = 4\n'
+                                 'backoff_initial = "20ms"\nbackoff_factor = 2.0\n'
+                                 'backoff_max = "50ms"\nbackoff_jitter = 0.0')
+    corrald.start()
+    corrald.wait_for(rf"{name}: state running -> exited \(exited with code 2: gave up after 4")
+    delays = re.findall(rf"{name}: state running -> backoff \(exited with code 2; "
+                        r"restart (\d+) in ([\d.]+)s\)", corrald.text)
+    assert [(int(n), float(d)) for n, d in delays] == [(1, 0.02), (2, 0.04), (3, 0.05),
+                                                       (4, 0.05)]
+    assert corrald.terminate() == 0
+
+
+@pytest.mark.root
+def test_oom_killed_container_is_restarted_and_reported(corrald: Corrald) -> None:
+    name = corrald.add("sleep 0.2; tail /dev/zero",
+                       '[restart]\npolicy = "on-failure"\nmax_retries = 1\n'
+                       'backoff_initial = "10ms"', memory="16M")
+    corrald.start()
+    corrald.wait_for(rf"{name}: state running -> exited \(OOM-killed")
+    backoff = re.findall(rf"{name}: state running -> backoff \((OOM-killed[^;]*); restart 1",
+                         corrald.text)
+    assert backoff == ["OOM-killed (container memory limit (16M))"]
+    assert corrald.text.count(f"{name}: state backoff -> starting") == 1
+    assert corrald.terminate() == 0
+
+
+@pytest.mark.root
+def test_sighup_restarts_a_changed_container(corrald: Corrald) -> None:
+    name = corrald.add("echo first-version; while :; do sleep 0.1; done",
+                       '[stop]\ntimeout = "200ms"')
+    corrald.start()
+    corrald.wait_for(rf"{name}: state starting -> running")
+    corrald.add_as(name, "echo second-version; while :; do sleep 0.1; done",
+                   '[stop]\ntimeout = "200ms"')
+    assert corrald.proc is not None
+    corrald.proc.send_signal(signal.SIGHUP)
+    corrald.wait_for(rf"reload: restart {name}")
+    corrald.wait_for(rf"{name}: state stopping -> stopped")
+    log = corrald.logs / f"{name}.log"
+    deadline = time.monotonic() + 10
+    while "second-version" not in (log.read_text() if log.exists() else ""):
+        assert time.monotonic() < deadline, "the changed container did not start again"
+        time.sleep(0.05)
+    assert "first-version" in log.read_text()
     assert corrald.terminate() == 0
 
 
