@@ -278,7 +278,8 @@ def corral_list(corral: str, root: str) -> dict[str, str]:
 
 
 def daemon_pss(d: Corrald) -> dict[str, int]:
-    assert d.proc is not None and d.helper is not None
+    assert d.proc is not None
+    assert d.helper is not None
     return {"corrald_pss": pss_kb(d.proc.pid), "helper_pss": pss_kb(d.helper),
             "corrald_rss": rss_kb(d.proc.pid), "helper_rss": rss_kb(d.helper)}
 
@@ -431,8 +432,8 @@ def bench_oci(args: argparse.Namespace, exes: dict[str, str], tmp: str, rootfs: 
         state = os.path.join(tmp, f"state-{rt}")
         base = [*(wrap if rt == "crun" else []), exes[rt], "--root", state]
         jan.roots.append(base)
-        secs = seq_runs(lambda i: [*base, "run", "-d", "--bundle", bundle,
-                                   f"{prefix}-{rt}-{i:04d}"], n)
+        secs = seq_runs(lambda i, base=base, rt=rt: [*base, "run", "-d", "--bundle", bundle,
+                                                     f"{prefix}-{rt}-{i:04d}"], n)
         res[rt] = {"n": n, "total_s": secs, "per_container_ms": secs / n * 1e3,
                    "wrapped": bool(wrap and rt == "crun")}
         say(f"{rt} run -d: {n} in {secs:.2f}s ({secs / n * 1e3:.1f} ms each)")
@@ -460,7 +461,7 @@ def bench_restart(args: argparse.Namespace, exes: dict[str, str], tmp: str, root
         os.close(w)
     assert d.proc is not None
     buf = b""
-    text_log = open(d.err, "wb")
+    text_log = open(d.err, "wb")  # noqa: SIM115 - closed in the finally below
     pfd: int | None = None
     t_exit: int | None = None
     t_backoff: int | None = None
