@@ -94,20 +94,30 @@ def _rel(parent: str, own: str, mount_root: str, cgroups_path: str) -> str:
 
 
 def _mkdirs(path: str, stop: str, created: list[str], on_new: Any = None) -> None:
-    """mkdir -p below `stop`, recording the directories made (parents first)."""
-    todo: list[str] = []
-    p = path
-    while p != stop and not os.path.isdir(p):
-        todo.append(p)
-        p = os.path.dirname(p)
-    for d in reversed(todo):
+    """mkdir -p below `stop`, recording the directories made (parents first).
+
+    A shared parent (`/corral`) can vanish between the walk and the mkdir, when the last
+    container under it is deleted at that moment: then walk again.
+    """
+    for attempt in range(5):
+        todo: list[str] = []
+        p = path
+        while p != stop and not os.path.isdir(p):
+            todo.append(p)
+            p = os.path.dirname(p)
         try:
-            os.mkdir(d, 0o755)
-        except FileExistsError:
-            continue
-        created.append(d)
-        if on_new is not None:
-            on_new(d)
+            for d in reversed(todo):
+                try:
+                    os.mkdir(d, 0o755)
+                except FileExistsError:
+                    continue
+                created.append(d)
+                if on_new is not None:
+                    on_new(d)
+            return
+        except FileNotFoundError:
+            if attempt == 4:
+                raise
 
 
 def _rmdirs(created: list[str]) -> None:
@@ -351,19 +361,28 @@ class V1Manager(Manager):
         self.unified = unified  # hybrid: the container's directory in the cgroup2 tree
 
     @staticmethod
-    def _init_cpuset(d: str) -> None:
-        # A new v1 cpuset starts empty and refuses tasks until cpus/mems are copied down.
-        parent = os.path.dirname(d)
-        for name in ("cpuset.cpus", "cpuset.mems"):
-            with open(os.path.join(parent, name)) as f:
-                value = f.read().strip()
-            with open(os.path.join(d, name), "w") as f:
-                f.write(value)
+    def _fill_cpuset(d: str, mountpoint: str) -> None:
+        """Copy cpus/mems down every level of `d` that has none, from the top.
+
+        A new v1 cpuset starts empty and refuses tasks (ENOSPC) until cpus and mems are
+        copied down from its parent. Every level is checked, not only the ones this call
+        made: a concurrent create may have made a shared parent (`/corral`) and not yet
+        filled it.
+        """
+        rel = os.path.relpath(d, mountpoint).split("/")
+        for i in range(1, len(rel) + 1):
+            level = os.path.join(mountpoint, *rel[:i])
+            parent = os.path.dirname(level)
+            for name in ("cpuset.cpus", "cpuset.mems"):
+                if _read(os.path.join(level, name)):
+                    continue
+                _write(os.path.join(level, name), _read(os.path.join(parent, name)))
 
     def create(self) -> None:
         for key, d in self.paths.items():
-            _mkdirs(d, self.mounts[key], self.created,
-                    self._init_cpuset if "cpuset" in key.split(",") else None)
+            _mkdirs(d, self.mounts[key], self.created)
+            if "cpuset" in key.split(","):
+                self._fill_cpuset(d, self.mounts[key])
         if self.unified:
             _mkdirs(self.unified, os.path.join(CGROUP_ROOT, "unified"), self.created)
 
