@@ -242,21 +242,36 @@ def _kill_cgroup(pids: list[int]) -> None:
         _kill_pid(pid, _sys.SIGKILL)
 
 
-def _locked_state(root: Root, cid: str) -> tuple[Lock, State]:
-    lock = Lock(root.container_dir(cid)).__enter__()
-    try:
-        return lock, root.load(cid)
-    except BaseException:
-        lock.__exit__()
-        raise
+class _Locked:
+    """`with _Locked(root, cid) as st:` a container's state, loaded under its lock.
+
+    Every operation that checks a status and then acts holds the lock for both.
+    """
+
+    __slots__ = ("cid", "lock", "root")
+
+    def __init__(self, root: Root, cid: str) -> None:
+        self.root = root
+        self.cid = cid
+        self.lock = Lock(root.container_dir(cid))
+
+    def __enter__(self) -> State:
+        self.lock.__enter__()
+        try:
+            return self.root.load(self.cid)
+        except BaseException:
+            self.lock.__exit__()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.lock.__exit__()
 
 
 def start(root: Root, cid: str, log: Log = NULL) -> None:
     """Let a created container's init exec the user's process."""
     from ._hooks import run_hooks
 
-    lock, st = _locked_state(root, cid)
-    try:
+    with _Locked(root, cid) as st:
         status = st.status()
         if status != "created":
             raise CorralError(f"cannot start container {cid!r}: it is {status}, not created")
@@ -271,8 +286,6 @@ def start(root: Root, cid: str, log: Log = NULL) -> None:
         finally:
             os.close(fd)
         os.unlink(st.fifo)
-    finally:
-        lock.__exit__()
     try:
         run_hooks(st.config, "poststart", st.oci("running"))
     except CorralError as e:
@@ -300,8 +313,7 @@ def kill(root: Root, cid: str, sig: int, all_processes: bool = False) -> None:
     """Send `sig` to the init, or with `all_processes` to every process in its cgroup."""
     from ._cgroups import manager_from_state
 
-    lock, st = _locked_state(root, cid)
-    try:
+    with _Locked(root, cid) as st:
         status = st.status()
         if status == "stopped" and not all_processes:
             raise CorralError(f"cannot kill container {cid!r}: it is not running")
@@ -310,8 +322,6 @@ def kill(root: Root, cid: str, sig: int, all_processes: bool = False) -> None:
                 _kill_pid(pid, sig)
             return
         signal_init(st, sig)
-    finally:
-        lock.__exit__()
 
 
 def _wait_gone(st: State, timeout: float) -> bool:
@@ -373,7 +383,7 @@ def delete(root: Root, cid: str, force: bool = False, log: Log = NULL) -> None:
 
             mgr = manager_from_state(st.cgroup) if st.cgroup else None
             if status == "paused" and mgr is not None:
-                _thaw(mgr)
+                mgr.thaw()
             try:
                 signal_init(st, _sys.SIGKILL)
             except CorralError:
@@ -383,10 +393,6 @@ def delete(root: Root, cid: str, force: bool = False, log: Log = NULL) -> None:
             if not _wait_gone(st, 10.0):
                 raise CorralError(f"container {cid!r} did not stop within 10 s of SIGKILL")
         destroy(st, log)
-
-
-def _thaw(mgr: Any) -> None:
-    mgr.thaw()
 
 
 def _manager(st: State) -> Any:
@@ -399,26 +405,20 @@ def _manager(st: State) -> Any:
 
 def pause(root: Root, cid: str) -> None:
     """Freeze every process of a running container (returns once really frozen)."""
-    lock, st = _locked_state(root, cid)
-    try:
+    with _Locked(root, cid) as st:
         status = st.status()
         if status != "running":
             raise CorralError(f"cannot pause container {cid!r}: it is {status}, not running")
         _manager(st).freeze()
-    finally:
-        lock.__exit__()
 
 
 def resume(root: Root, cid: str) -> None:
     """Thaw a paused container."""
-    lock, st = _locked_state(root, cid)
-    try:
+    with _Locked(root, cid) as st:
         status = st.status()
         if status != "paused":
             raise CorralError(f"cannot resume container {cid!r}: it is {status}, not paused")
         _manager(st).thaw()
-    finally:
-        lock.__exit__()
 
 
 def _merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
@@ -437,8 +437,7 @@ def update(root: Root, cid: str, patch: dict[str, Any]) -> None:
     `patch` is OCI LinuxResources: the fields given replace the container's (objects merge,
     arrays are replaced); the result is applied and kept in the container's state.
     """
-    lock, st = _locked_state(root, cid)
-    try:
+    with _Locked(root, cid) as st:
         status = st.status()
         if status == "stopped":
             raise CorralError(f"cannot update container {cid!r}: it is stopped")
@@ -452,8 +451,6 @@ def update(root: Root, cid: str, patch: dict[str, Any]) -> None:
             raise CorralError(f"update: {e.field}: {e.problem}") from None
         lx["resources"] = merged
         st.save()
-    finally:
-        lock.__exit__()
 
 
 def processes(root: Root, cid: str) -> list[int]:
