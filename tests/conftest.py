@@ -637,6 +637,13 @@ def bundle(make_bundle: Callable[..., Bundle]) -> Bundle:
 
 
 @pytest.fixture
+def cf() -> Any:
+    """This module (spawn, wait_tracked, run_cmd, cgroups_named, ...) for tests that need its
+    helpers: with --import-mode=importlib a test module cannot `import conftest`."""
+    return sys.modules[__name__]
+
+
+@pytest.fixture
 def host_ns() -> Callable[[str], str]:
     """readlink of the test process's own namespace of a type, e.g. host_ns("net")."""
     return lambda kind: os.readlink(f"/proc/self/ns/{kind}")

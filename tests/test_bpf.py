@@ -280,18 +280,6 @@ def expect(**allowed):
 
 
 @pytest.fixture
-def helpers(request):
-    """conftest's module (spawn, wait_tracked): its reaper must not steal our child's status.
-
-    The suite runs with --import-mode=importlib, so `import conftest` does not work.
-    """
-    for plugin in request.config.pluginmanager.get_plugins():
-        if hasattr(plugin, "spawn") and hasattr(plugin, "wait_tracked"):
-            return plugin
-    pytest.fail("conftest helpers not found")
-
-
-@pytest.fixture
 def cgroup():
     """A fresh cgroup under the cgroup2 mount; removed afterwards, whatever happened."""
     if not (UNIFIED / "cgroup.procs").exists():
@@ -317,24 +305,24 @@ def cgroup():
                 time.sleep(0.05)
 
 
-def probe(helpers, cgroup, tmp_path):
+def probe(cf, cgroup, tmp_path):
     """Run the child in `cgroup` and return what each of OPS did ("ok" or an errno name)."""
-    proc = helpers.spawn([sys.executable, "-c", CHILD, str(cgroup), str(tmp_path), json.dumps(OPS)],
+    proc = cf.spawn([sys.executable, "-c", CHILD, str(cgroup), str(tmp_path), json.dumps(OPS)],
                          stdout=-1, stderr=-1)
     try:
         out, err = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
-        helpers.wait_tracked(proc, timeout=10)
+        cf.wait_tracked(proc, timeout=10)
     assert proc.returncode == 0, err.decode()
     assert list(tmp_path.iterdir()) == []
     return json.loads(out)
 
 
 @pytest.mark.root
-def test_baseline_without_filter(helpers, cgroup, tmp_path):
-    assert probe(helpers, cgroup, tmp_path) == ALL_OK
+def test_baseline_without_filter(cf, cgroup, tmp_path):
+    assert probe(cf, cgroup, tmp_path) == ALL_OK
 
 
 CASES = {
@@ -372,22 +360,22 @@ CASES = {
 
 @pytest.mark.root
 @pytest.mark.parametrize("case", list(CASES))
-def test_filter_in_force(helpers, cgroup, tmp_path, case):
+def test_filter_in_force(cf, cgroup, tmp_path, case):
     rules, expected = CASES[case]
     _bpf.set_device_rules(str(cgroup), rules)
     assert len(_bpf.query_device_programs(str(cgroup))) == 1
-    assert probe(helpers, cgroup, tmp_path) == expected
+    assert probe(cf, cgroup, tmp_path) == expected
 
 
 @pytest.mark.root
-def test_replacing_leaves_one_program(helpers, cgroup, tmp_path):
+def test_replacing_leaves_one_program(cf, cgroup, tmp_path):
     _bpf.set_device_rules(str(cgroup), [DENY_ALL])
     (first,) = _bpf.query_device_programs(str(cgroup))
-    assert probe(helpers, cgroup, tmp_path) == expect()
+    assert probe(cf, cgroup, tmp_path) == expect()
     _bpf.set_device_rules(str(cgroup), [{"allow": True, "type": "c", "major": 1, "access": "r"}])
     (second,) = _bpf.query_device_programs(str(cgroup))
     assert second != first
-    assert probe(helpers, cgroup, tmp_path) == expect(null_r=True, zero_r=True)
+    assert probe(cf, cgroup, tmp_path) == expect(null_r=True, zero_r=True)
 
 
 def attach_raw(cgroup, rules, flags):
@@ -404,7 +392,7 @@ def attach_raw(cgroup, rules, flags):
 
 
 @pytest.mark.root
-def test_replacing_several_old_programs(helpers, cgroup, tmp_path):
+def test_replacing_several_old_programs(cf, cgroup, tmp_path):
     # Two programs attached side by side (MULTI) by someone else: both go away.
     null_only = [{"allow": True, "type": "c", "major": 1, "minor": 3}]
     attach_raw(cgroup, null_only, _bpf.BPF_F_ALLOW_MULTI)
@@ -412,18 +400,18 @@ def test_replacing_several_old_programs(helpers, cgroup, tmp_path):
     assert len(_bpf.query_device_programs(str(cgroup))) == 2
     _bpf.set_device_rules(str(cgroup), [{"allow": True}])
     assert len(_bpf.query_device_programs(str(cgroup))) == 1
-    assert probe(helpers, cgroup, tmp_path) == ALL_OK
+    assert probe(cf, cgroup, tmp_path) == ALL_OK
 
 
 @pytest.mark.root
-def test_replacing_an_exclusive_program(helpers, cgroup, tmp_path):
+def test_replacing_an_exclusive_program(cf, cgroup, tmp_path):
     # A program attached without BPF_F_ALLOW_MULTI refuses MULTI neighbours: it is swapped.
     attach_raw(cgroup, [DENY_ALL], 0)
     (old,) = _bpf.query_device_programs(str(cgroup))
     _bpf.set_device_rules(str(cgroup), [{"allow": True}])
     (new,) = _bpf.query_device_programs(str(cgroup))
     assert new != old
-    assert probe(helpers, cgroup, tmp_path) == ALL_OK
+    assert probe(cf, cgroup, tmp_path) == ALL_OK
 
 
 @pytest.mark.root

@@ -35,15 +35,6 @@ TIMEOUT = 20.0
 STAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z"
 
 
-@pytest.fixture
-def cf(request: pytest.FixtureRequest) -> Any:
-    """conftest's module (spawn, wait_tracked, run_cmd), found among the plugins."""
-    for plugin in request.config.pluginmanager.get_plugins():
-        if hasattr(plugin, "spawn") and hasattr(plugin, "wait_tracked"):
-            return plugin
-    pytest.fail("conftest helpers not found")
-
-
 class Corrald:
     """One corrald subprocess and its files."""
 

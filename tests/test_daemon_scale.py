@@ -37,15 +37,6 @@ START_TIMEOUT = 60.0  # all COUNT running, from the spawn of corrald
 EXIT_TIMEOUT = 45.0  # corrald's exit after SIGTERM (parallel stop: ~1 s plus the deletes)
 
 
-@pytest.fixture
-def cf(request: pytest.FixtureRequest) -> Any:
-    """conftest's module (spawn, wait_tracked, run_cmd, cgroups_named, processes_of)."""
-    for plugin in request.config.pluginmanager.get_plugins():
-        if hasattr(plugin, "spawn") and hasattr(plugin, "wait_tracked"):
-            return plugin
-    pytest.fail("conftest helpers not found")
-
-
 class Daemon:
     """A corrald subprocess over COUNT container files, and its cleanup."""
 

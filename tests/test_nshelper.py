@@ -36,15 +36,6 @@ TIMEOUT = 30
 Runtime = Any  # conftest's Runtime: with --import-mode=importlib conftest cannot be imported
 
 
-@pytest.fixture
-def cf(request: pytest.FixtureRequest) -> Any:
-    """conftest's module (run_cmd, cgroups_named), found among the plugins."""
-    for plugin in request.config.pluginmanager.get_plugins():
-        if hasattr(plugin, "run_cmd") and hasattr(plugin, "cgroups_named"):
-            return plugin
-    pytest.fail("conftest helpers not found")
-
-
 class HelperProc:
     """A running helper: its socket, pid, a pidfd that pins it, and its log."""
 

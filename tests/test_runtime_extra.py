@@ -11,7 +11,6 @@ import select
 import signal
 import struct
 import subprocess
-import sys
 import termios
 import time
 import uuid
@@ -23,15 +22,6 @@ pytestmark = pytest.mark.root
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 SLEEP = ("sleep", "30")
-
-
-@pytest.fixture
-def helpers(rt):
-    """conftest's module (spawn, wait_tracked, run_cmd), found through the rt fixture.
-
-    The suite runs with --import-mode=importlib, so `import conftest` does not work.
-    """
-    return sys.modules[type(rt).__module__]
 
 
 def read_until(fd, want, timeout=10.0, proc=None):
@@ -66,7 +56,7 @@ def state_file(rt, cid):
 # -- run with a terminal and no console socket -----------------------------------------------
 
 
-def _run_under_pty(rt, helpers, args, stdin_tty=True, send=None):
+def _run_under_pty(rt, cf, args, stdin_tty=True, send=None):
     """`corral run` of a terminal container with our own pty as its stdio.
 
     Returns (exit status, everything read from our pty master)."""
@@ -76,7 +66,7 @@ def _run_under_pty(rt, helpers, args, stdin_tty=True, send=None):
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 33, 97, 0, 0))
     before = termios.tcgetattr(slave)
     try:
-        proc = helpers.spawn(
+        proc = cf.spawn(
             rt.argv("run", "--bundle", b.path, cid),
             stdin=slave if stdin_tty else subprocess.DEVNULL,
             stdout=slave,
@@ -90,7 +80,7 @@ def _run_under_pty(rt, helpers, args, stdin_tty=True, send=None):
             out = read_until(master, wait_for, proc=proc)
             os.write(master, data)
         out += read_until(master, b"\0never\0", timeout=20, proc=proc)
-        rc = helpers.wait_tracked(proc, 20)
+        rc = cf.wait_tracked(proc, 20)
         # On Linux the master reports the slave's settings: corral must have restored them
         # after putting our terminal in raw mode.
         assert termios.tcgetattr(master) == before
@@ -101,10 +91,10 @@ def _run_under_pty(rt, helpers, args, stdin_tty=True, send=None):
     return rc, out.decode(errors="replace")
 
 
-def test_run_terminal_proxies_pty(rt, helpers):
+def test_run_terminal_proxies_pty(rt, cf):
     rc, out = _run_under_pty(
         rt,
-        helpers,
+        cf,
         ("sh", "-c", 'echo hello-tty; tty; read line; echo "got:$line"; exit 3'),
         send=(b"hello-tty", b"abc\n"),
     )
@@ -114,17 +104,17 @@ def test_run_terminal_proxies_pty(rt, helpers):
     assert "got:abc" in out
 
 
-def test_run_terminal_window_size_at_start(rt, helpers):
+def test_run_terminal_window_size_at_start(rt, cf):
     # The container's terminal must have our window size (33x97) from its first instruction,
     # not only once the proxy loop is running.
-    rc, out = _run_under_pty(rt, helpers, ("stty", "size"))
+    rc, out = _run_under_pty(rt, cf, ("stty", "size"))
     assert rc == 0, out
     assert out == "33 97\r\n"
 
 
-def test_run_terminal_stdin_not_a_tty(rt, helpers):
+def test_run_terminal_stdin_not_a_tty(rt, cf):
     rc, out = _run_under_pty(
-        rt, helpers, ("sh", "-c", "echo hello-tty; tty; exit 5"), stdin_tty=False
+        rt, cf, ("sh", "-c", "echo hello-tty; tty; exit 5"), stdin_tty=False
     )
     assert rc == 5, out
     assert "hello-tty" in out
@@ -407,13 +397,13 @@ def test_bad_sysctl_value(rt, make_bundle):
 # -- run: signals and exit statuses ----------------------------------------------------------
 
 
-def test_run_forwards_sigterm(rt, make_bundle, helpers, tmp_path):
+def test_run_forwards_sigterm(rt, make_bundle, cf, tmp_path):
     script = 'trap "exit 42" TERM; echo ready; while :; do sleep 0.1; done'
     b = make_bundle(args=("sh", "-c", script))
     cid = rt.new_id()
     r, w = os.pipe()
     with open(tmp_path / "stderr", "wb") as err:
-        proc = helpers.spawn(
+        proc = cf.spawn(
             rt.argv("run", "--bundle", b.path, cid), stdin=subprocess.DEVNULL, stdout=w, stderr=err
         )
     os.close(w)
@@ -422,7 +412,7 @@ def test_run_forwards_sigterm(rt, make_bundle, helpers, tmp_path):
         # the trap is set once "ready" is printed (before that SIGTERM would be ignored by pid 1)
         assert b"ready" in read_until(r, b"ready\n", proc=proc)
         os.kill(proc.pid, signal.SIGTERM)
-        rc = helpers.wait_tracked(proc, 20)
+        rc = cf.wait_tracked(proc, 20)
     finally:
         os.close(r)
     assert rc == 42, (tmp_path / "stderr").read_text()
@@ -438,11 +428,11 @@ def test_run_exit_by_signal(rt):
     assert rc == 137, err
 
 
-def test_run_killed_from_outside(rt, make_bundle, helpers, tmp_path):
+def test_run_killed_from_outside(rt, make_bundle, cf, tmp_path):
     b = make_bundle(args=("sh", "-c", "echo ready; sleep 30"))
     cid = rt.new_id()
     r, w = os.pipe()
-    proc = helpers.spawn(
+    proc = cf.spawn(
         rt.argv("run", "--bundle", b.path, cid),
         stdin=subprocess.DEVNULL,
         stdout=w,
@@ -452,7 +442,7 @@ def test_run_killed_from_outside(rt, make_bundle, helpers, tmp_path):
     try:
         assert b"ready" in read_until(r, b"ready\n", proc=proc)
         rt("kill", cid, "KILL")
-        rc = helpers.wait_tracked(proc, 20)
+        rc = cf.wait_tracked(proc, 20)
     finally:
         os.close(r)
     assert rc == 137
