@@ -268,7 +268,7 @@ def test_stop_during_backoff_is_immediate(corrald: Corrald) -> None:
     started = time.monotonic()
     assert corrald.terminate() == 0
     assert time.monotonic() - started < 5
-    assert f"{name}: state backoff -> stopped (stopped by the user)" in corrald.text
+    assert f"{name}: state backoff -> stopped (stopped with the daemon)" in corrald.text
 
 
 @pytest.mark.root
