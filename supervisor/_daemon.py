@@ -151,7 +151,8 @@ class ContainerSupervisor:
     Start `run` with ``nursery.start``; `stop` asks it to stop (at once during backoff);
     `done` is set when the task has ended. `state`, `last_exit`, `starts` and `oom_kills`
     are for status and tests. Set `adopt` before starting the task to take over a run that a
-    previous daemon started (`recover`); `restore` brings back the counters of its record.
+    previous daemon started (`recover`); `restore` brings back the counters of its record,
+    and `undecided` an exit that it recorded but did not act on yet.
     """
 
     spec: ContainerSpec
@@ -162,6 +163,7 @@ class ContainerSupervisor:
     starts: int = attrs.field(init=False, default=0)
     oom_kills: int = attrs.field(init=False, default=0)
     adopt: Run | None = attrs.field(init=False, default=None)
+    undecided: ExitCause | None = attrs.field(init=False, default=None)
     done: trio.Event = attrs.field(init=False, factory=trio.Event)
     first_attempt: trio.Event = attrs.field(init=False, factory=trio.Event)
     restart: RestartState = attrs.field(init=False)
@@ -263,9 +265,10 @@ class ContainerSupervisor:
         """
         task_status.started()
         try:
-            cause: ExitCause | None = None
+            cause, self.undecided = self.undecided, None
             if self.adopt is not None:
                 run, self.adopt = self.adopt, None
+                await self.save()  # the counters as recovered (a start counted only now)
                 cause = await self._attend(run)
             while True:
                 if cause is None:
@@ -656,13 +659,17 @@ async def _retire(ctx: Context, cid: str, run: Run, why: str) -> None:
     log.warning("%s: stopped and removed (%s)", cid, why)
 
 
-async def _attach(ctx: Context, cid: str, pid: int, kept: bool) -> tuple[int, int]:
-    """The read ends of a running container's stdout/stderr: the helper's copies, else
-    reopened through /proc (a pipe can be), else none (-1)."""
+async def _attach(ctx: Context, cid: str, pid: int, kept: bool, alive: bool
+                  ) -> tuple[int, int]:
+    """The read ends of a container's stdout/stderr: the helper's copies (with what the
+    container wrote while no daemon read, even if it has ended since), else reopened through
+    /proc while it runs (a pipe can be), else none (-1)."""
     if kept:
         fds = await ctx.helper.attach(cid)
         if fds is not None:
             return fds
+    if not alive:
+        return -1, -1
     got = []
     for n in (1, 2):
         try:
@@ -721,7 +728,7 @@ async def recover(daemon: Daemon, specs: dict[str, ContainerSpec]) -> None:
             await _thread(ctx.limiter, _container.delete, ctx.root, cid, True)
             continue
         via_helper = cid in running or info is not None
-        out, err = (await _attach(ctx, cid, st.pid, via_helper)) if alive else (-1, -1)
+        out, err = await _attach(ctx, cid, st.pid, via_helper, alive)
         run = Run(st.pid, st.start_time, st.cgroup, out, err, via_helper, info)
         gone = _source_gone(spec) if spec is not None else None
         if spec is None:
@@ -760,7 +767,13 @@ async def recover(daemon: Daemon, specs: dict[str, ContainerSpec]) -> None:
             sup.park(rec)
             daemon.supervisors[name] = sup
         else:
-            await daemon.start(spec, None, rec)
+            sup = ContainerSupervisor(spec, ctx)
+            if rec is not None:
+                sup.restore(rec)
+                if rec.init is None and rec.state in ("running", "stopping"):
+                    sup.undecided = sup.last_exit  # recorded; the daemon died before acting
+            daemon.supervisors[name] = sup
+            await daemon.nursery.start(daemon._supervise, sup)
     stale = set(records) - set(specs)
     for name in stale:
         await _thread(ctx.limiter, _records.remove, ctx.root.path, name)
