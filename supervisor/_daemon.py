@@ -268,7 +268,6 @@ class ContainerSupervisor:
             cause, self.undecided = self.undecided, None
             if self.adopt is not None:
                 run, self.adopt = self.adopt, None
-                await self.save()  # the counters as recovered (a start counted only now)
                 cause = await self._attend(run)
             while True:
                 if cause is None:
@@ -348,7 +347,6 @@ class ContainerSupervisor:
         self.starts += 1
         self.restart.on_start(trio.current_time())
         self._init, self._oom_base = (pid, st.start_time), 0
-        await self.save()
         return await self._attend(Run(pid, st.start_time, st.cgroup, out_r, err_r))
 
     async def _attend(self, run: Run) -> ExitCause:
@@ -360,6 +358,7 @@ class ContainerSupervisor:
                 if fd >= 0:
                     readers.start_soon(pump, fd, stream, self._logfile, ctx.limiter)
             self._set("running", f"pid {run.pid}")
+            await self.save()  # the start (or the adoption, with what it counted)
             self.first_attempt.set()
             cause, info = await self._watch(run)
             faults.hit("exit")

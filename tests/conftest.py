@@ -707,6 +707,10 @@ class Corrald:
             path = self.conf.parent / "corrald.toml"
             path.write_text(daemon_config)
             argv += ["--config", str(path)]
+        self.notify.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            while True:  # what an earlier daemon sent (a READY=1 after a reload) is stale
+                self.notify.recv(4096)
         with open(self.err, "ab") as err:
             self.proc = self.cf.spawn(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                       stderr=err, env=env, cwd="/")

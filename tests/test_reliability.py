@@ -333,5 +333,8 @@ def test_soak_restarts_and_reloads_under_churn(corrald: Corrald) -> None:
     assert gone not in recs
     assert last[0] <= first[0] + 4, (first, last)  # fds (loops ran at the first sample)
     assert last[1] <= first[1] * 1.25 + 4096, (first, last)  # RSS, KiB
-    assert corrald.terminate(TIMEOUT * 2) == 0  # not live: stops everything
+    # One more adoption, by a daemon without live restore, whose SIGTERM stops everything.
+    corrald.kill9()
+    corrald.start(daemon_config="live_restore = false\n")
+    assert corrald.terminate(TIMEOUT * 2) == 0
     assert _container_ids(corrald) == set()
