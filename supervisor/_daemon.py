@@ -488,12 +488,16 @@ async def _wait_pidfd(pid: int, start_time: int) -> None:
     except ProcessLookupError:
         return
     try:
-        st = proc_stat(pid)
-        if st is None or st[1] != start_time or st[0] in "ZX":
-            return
-        await trio.lowlevel.wait_readable(fd)
+        if _runs(pid, start_time):  # the pidfd is of the same process, not a reused pid
+            await trio.lowlevel.wait_readable(fd)
     finally:
         os.close(fd)
+
+
+def _runs(pid: int, start_time: int) -> bool:
+    """Whether process `pid`, started at `start_time` (clock ticks), runs (not a zombie)."""
+    st = proc_stat(pid)
+    return st is not None and st[0] not in "ZX" and st[1] == start_time
 
 
 @attrs.define(eq=False)
@@ -637,8 +641,7 @@ async def _retire(ctx: Context, cid: str, run: Run, why: str) -> None:
     """Stop a container that cannot be adopted (`why`), record nothing, delete it."""
     log.warning("%s: %s: stopping it", cid, why)
     info = run.exit
-    if info is None and (run.via_helper or (proc_stat(run.pid) or ("Z", 0))[1]
-                         == run.start_time):
+    if info is None and (run.via_helper or _runs(run.pid, run.start_time)):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_stop_container, ctx, cid, signal.SIGTERM, 10.0)
             if run.via_helper:
@@ -706,7 +709,8 @@ async def recover(daemon: Daemon, specs: dict[str, ContainerSpec]) -> None:
     records, problems = await _thread(ctx.limiter, _records.load_all, ctx.root.path)
     for p in problems:
         log.error("unreadable record (ignored): %s", p)
-    running = await ctx.helper.list()
+    with trio.fail_after(HELPER_START_TIMEOUT):
+        running = await ctx.helper.settled_list()  # after the creates still in progress
     kept = ctx.helper.exits()
     ids = set(await _thread(ctx.limiter, ctx.root.ids)) | set(running) | set(kept)
     adopted: dict[str, Run] = {}

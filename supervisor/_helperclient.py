@@ -334,6 +334,16 @@ class HelperClient:
         reply = await self._request({"op": "list"})
         return {str(c["id"]): int(c["pid"]) for c in reply.get("containers", [])}
 
+    async def settled_list(self, poll: float = 0.05) -> dict[str, int]:
+        """`list` once no create is in progress: a create that a previous client asked for
+        and that is still running would otherwise be missed, then made a second time.
+        Bound it with a deadline of your own."""
+        while True:
+            reply = await self._request({"op": "list"})
+            if not reply.get("creating"):
+                return {str(c["id"]): int(c["pid"]) for c in reply.get("containers", [])}
+            await trio.sleep(poll)
+
     async def ping(self) -> int:
         """The helper's pid."""
         return int((await self._request({"op": "ping"}))["pid"])

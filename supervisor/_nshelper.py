@@ -19,7 +19,8 @@ reply repeats:
             + SCM_RIGHTS [stdout, stderr] or [stdout, stderr, stdout-read, stderr-read]
         -> {"op":"created","seq":N,"id":ID,"pid":PID}
          | {"op":"error","seq":N,"id":ID,"msg":TEXT}
-    {"op":"list","seq":N}      -> {"op":"list","seq":N,"containers":[{"id":ID,"pid":PID}]}
+    {"op":"list","seq":N}      -> {"op":"list","seq":N,"containers":[{"id":ID,"pid":PID}],
+                                   "creating":[ID]}  (creates in progress)
     {"op":"attach","seq":N,"id":ID}
         -> {"op":"attached","seq":N,"id":ID} + SCM_RIGHTS [stdout-read, stderr-read]
          | {"op":"error",...}  (the helper holds no read ends for ID)
@@ -472,7 +473,8 @@ class Helper:
             self.reply(conn, {"op": "pong", "seq": seq, "pid": os.getpid()})
         elif op == "list":
             self.reply(conn, {"op": "list", "seq": seq, "containers": [
-                {"id": cid, "pid": pid} for cid, pid in self.inits.items()]})
+                {"id": cid, "pid": pid} for cid, pid in self.inits.items()],
+                "creating": [c.cid for c in self.creates.values()]})
         elif op == "shutdown":
             self.shutting_down = True
             _log("shutdown requested")
