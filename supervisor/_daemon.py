@@ -34,6 +34,7 @@ from corral.runtime._state import Root, write_atomic
 from ._config import ContainerSpec, DaemonSpec, load_dir, plan_reload, to_oci
 from ._helperclient import HelperClient, HelperError, HelperGone, spawn_helper
 from ._logs import LogFile, pump
+from ._network import Attachment, Network, NetworkError, oci_changes
 from ._notify import Notifier, watchdog_interval
 from ._policy import ExitCause, Fatal, RestartAfter, RestartState
 
@@ -63,14 +64,17 @@ class Context:
     helper: HelperClient
     log_dir: str
     limiter: trio.CapacityLimiter = attrs.field(factory=lambda: trio.CapacityLimiter(8))
+    network: Network | None = None
 
     @property
     def bundles(self) -> str:
         return os.path.join(self.root.path, "bundles")
 
 
-def _write_bundle(spec: ContainerSpec, directory: str) -> str:
-    """Write ``config.json`` for `spec` into `directory` (blocking); returns the directory."""
+def _write_bundle(spec: ContainerSpec, directory: str, net: Attachment | None = None) -> str:
+    """Write ``config.json`` for `spec` into `directory` (blocking); returns the directory.
+
+    A bridge container's config joins the namespace `net` and mounts its hosts files."""
     import json
 
     base = None
@@ -81,6 +85,8 @@ def _write_bundle(spec: ContainerSpec, directory: str) -> str:
         root = base.setdefault("root", {})
         root["path"] = os.path.join(spec.bundle, root.get("path", "rootfs"))
     cfg = to_oci(spec, base)
+    if net is not None:
+        oci_changes(cfg, net)
     os.makedirs(directory, mode=0o700, exist_ok=True)
     write_atomic(os.path.join(directory, "config.json"), json.dumps(cfg).encode(), 0o600)
     return directory
@@ -202,6 +208,10 @@ class ContainerSupervisor:
             self._logfile.close()
             with trio.CancelScope(shield=True, deadline=trio.current_time() + 5):
                 await _thread(self.ctx.limiter, shutil.rmtree, self.bundle, True)
+            if self.spec.network.mode == "bridge" and self.ctx.network is not None:
+                with trio.CancelScope(shield=True,
+                                      deadline=trio.current_time() + CLEANUP_DEADLINE):
+                    await self.ctx.network.down(self.name)
             self.done.set()
 
     async def _run_once(self) -> ExitCause | None:
@@ -211,13 +221,18 @@ class ContainerSupervisor:
         out_r = out_w = err_r = err_w = -1
         try:
             await _thread(ctx.limiter, os.makedirs, ctx.log_dir, 0o755, True)
-            await _thread(ctx.limiter, _write_bundle, self.spec, self.bundle)
+            net = None
+            if self.spec.network.mode == "bridge":
+                if ctx.network is None:
+                    raise NetworkError("network: this corrald has no bridge network")
+                net = await ctx.network.up(self.spec)
+            await _thread(ctx.limiter, _write_bundle, self.spec, self.bundle, net)
             # A container of this name left over (a daemon crash) is in the way.
             await _thread(ctx.limiter, _container.delete, ctx.root, self.name, True)
             out_r, out_w = os.pipe2(os.O_CLOEXEC)
             err_r, err_w = os.pipe2(os.O_CLOEXEC)
             pid = await ctx.helper.create(self.name, self.bundle, out_w, err_w)
-        except (HelperError, CorralError, OSError, ValueError) as e:
+        except (HelperError, CorralError, OSError, ValueError, NetworkError) as e:
             for fd in (out_r, err_r):  # the write ends: below
                 if fd >= 0:
                     os.close(fd)
@@ -376,6 +391,10 @@ class Daemon:
         if "bundles" in specs:
             log.error("bundles: the name is reserved for corrald's bundle directory (skipped)")
             del specs["bundles"]
+        if "network" in specs:
+            log.error("network: the name is reserved for corrald's network directory "
+                      "(skipped)")
+            del specs["network"]
         return specs
 
     async def reload(self) -> None:
@@ -483,10 +502,12 @@ async def _run_locked(spec: DaemonSpec, task_status: trio.TaskStatus[Daemon]) ->
             helper_pid = await outer.start(keep_helper)
             log.info("connected to the namespace helper (pid %d)", helper_pid)
             ctx = Context(Root(spec.root), helper, spec.log_dir)
+            ctx.network = Network(spec.network, spec.root, ctx.limiter)
             try:
                 async with trio.open_nursery() as nursery:
                     daemon = Daemon(spec, ctx, nursery)
                     await _clear_leftovers(ctx)
+                    await ctx.network.cleanup(set())
                     specs = await _thread(ctx.limiter, daemon.load)
                     for s in specs.values():
                         await daemon.start(s)
@@ -518,6 +539,7 @@ async def _run_locked(spec: DaemonSpec, task_status: trio.TaskStatus[Daemon]) ->
                         os.rmdir(ctx.bundles)
                     except OSError:
                         pass
+                    await ctx.network.close()
                     daemon.notifier.close()
             finally:
                 await helper.aclose()
