@@ -181,6 +181,7 @@ class Network:
         """
         async with self._lock:
             try:
+                await self._run(self._leases)  # the first call reads the file: off the loop
                 return await self._up(spec)
             except (OSError, AddressError) as e:
                 raise NetworkError(f"network: {e}") from e
@@ -264,6 +265,7 @@ class Network:
         must go on, and the next start-up cleanup retries.
         """
         async with self._lock:
+            await self._run(self._leases)
             await self._teardown(name)
 
     async def _teardown(self, name: str) -> None:
@@ -300,7 +302,7 @@ class Network:
         bridge network (no lease or no namespace).
         """
         async with self._lock:
-            address = self._leases().get(name)
+            address = (await self._run(self._leases)).get(name)
             if address is None or not await self._run(os.path.exists, self.netns_path(name)):
                 return None
             self._hostnames[name] = (hostname or name)[:_HOST_NAME_MAX]
@@ -315,6 +317,11 @@ class Network:
         from . import _netlink, _nft
 
         async with self._lock:
+            if not await self._run(os.path.isdir, self.directory):
+                # Nothing was ever set up under this root (the directory comes first): no
+                # netlink, and no pyroute2 import, for a daemon without bridge containers.
+                return []
+            await self._run(self._leases)
             names: set[str] = set()
             netns_dir = os.path.join(self.directory, "netns")
             files_dir = os.path.join(self.directory, "files")
@@ -342,7 +349,9 @@ class Network:
         from . import _netlink, _nft
 
         async with self._lock:
-            if self._leases().leases:
+            if not self._bridge_ready and not await self._run(os.path.isdir, self.directory):
+                return
+            if (await self._run(self._leases)).leases:
                 log.info("network: %d container(s) still attached: keeping %s",
                          len(self._leases().leases), self.settings.bridge)
                 return
