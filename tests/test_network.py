@@ -352,6 +352,7 @@ def test_addresses_survive_a_daemon_restart(rt, settings):
         a = await first.up(_spec("a", rt.rootfs))
         b = await first.up(_spec("b", rt.rootfs))
         inode = (await trio.Path(a.netns).stat()).st_ino
+        hosts_inode = (await trio.Path(a.hosts).stat()).st_ino
         # The daemon is gone (no close): a new one on the same root.
         second = Network(settings, root)
         kept = await second.adopt("a")
@@ -367,6 +368,8 @@ def test_addresses_survive_a_daemon_restart(rt, settings):
         assert again.address == a.address
         assert (await trio.Path(again.netns).stat()).st_ino == inode
         hosts = await trio.Path(again.hosts).read_text()
+        # Rewritten in place: a bind mount of the file keeps showing the new content.
+        assert (await trio.Path(again.hosts).stat()).st_ino == hosts_inode
         assert f"{a.address}\ta\n" in hosts
         assert f"{c.address}\tc\n" in hosts
         assert "\tb\n" not in hosts
