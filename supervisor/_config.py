@@ -275,10 +275,13 @@ class BridgeSettings:
             nftables table (``ip corral_<bridge>``), so two daemons need two bridges.
         subnet: the IPv4 subnet of the bridge; its first address is the bridge's (the
             containers' gateway), the others are handed out by corrald's IPAM.
+        subnet6: an IPv6 subnet (e.g. a ULA ``fd77::/64``) for the bridge and the
+            containers as well, or None (the default): IPv4 only.
     """
 
     bridge: str = "corral0"
     subnet: str = "10.77.0.0/16"
+    subnet6: str | None = None
 
 
 @attrs.frozen
@@ -819,11 +822,24 @@ def _subnet(value: object, file: str, key: str) -> str:
     return str(net)
 
 
+def _subnet6(value: object, file: str, key: str) -> str:
+    text = _str(value, file, key)
+    try:
+        net = ipaddress.IPv6Network(text)
+    except ValueError as e:
+        raise ConfigError(file, key, f"{text!r} is not an IPv6 subnet like \"fd77::/64\" "
+                          f"({e})") from None
+    if "/" not in text or not 48 <= net.prefixlen <= 120:
+        raise ConfigError(file, key, f"{text!r} must give a prefix length from /48 to /120")
+    return str(net)
+
+
 def _bridge_settings(value: object, file: str, key: str) -> BridgeSettings:
     sec = _Section(file, key + ".", value, dict.fromkeys(attrs.fields_dict(BridgeSettings)))
     d = BridgeSettings()
     return BridgeSettings(bridge=sec.get("bridge", _bridge_name, d.bridge),
-                          subnet=sec.get("subnet", _subnet, d.subnet))
+                          subnet=sec.get("subnet", _subnet, d.subnet),
+                          subnet6=sec.get("subnet6", _subnet6, d.subnet6))
 
 
 def load_daemon(path: str | os.PathLike[str] | None,
@@ -832,8 +848,8 @@ def load_daemon(path: str | os.PathLike[str] | None,
     """corrald's own settings: corrald.toml, then the command-line flags over it.
 
     The file holds top-level keys (``config_dir``, ``root``, ``log_dir``, ``socket``,
-    ``socket_group``, ``live_restore``) and a ``[network]`` table (``bridge``, ``subnet``),
-    checked like a container file: paths absolute,
+    ``socket_group``, ``live_restore``) and a ``[network]`` table (``bridge``, ``subnet``,
+    ``subnet6``), checked like a container file: paths absolute,
     the socket path short enough for a unix address. ``socket`` defaults to
     ``ROOT/corrald.sock``, so ``--root`` alone moves everything the daemon writes.
 

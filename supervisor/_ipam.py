@@ -1,6 +1,7 @@
-"""corrald's address book for its bridge: which container holds which IPv4 address.
+"""corrald's address book for its bridge: which container holds which address.
 
-Leases are kept in one JSON file (``<root>/network/ipam.json``), rewritten atomically
+One `Ipam` per subnet (IPv4, and IPv6 when the daemon has ``subnet6``). Leases are kept in
+one JSON file per subnet (``<root>/network/ipam.json``, ``ipam6.json``), rewritten atomically
 (`write_atomic`: temp file, fsync, rename, fsync of the directory) *before* an address is
 handed out, so that after a crash or a restart of the daemon the file still names every
 address that a container may be using: nothing is ever handed out twice. A lease lives as
@@ -41,7 +42,7 @@ class Ipam:
 
     Args:
         path: the JSON file (created on the first lease).
-        subnet: the bridge's IPv4 subnet; its first host address is the gateway.
+        subnet: the bridge's IPv4 or IPv6 subnet; its first host address is the gateway.
 
     A file written for another subnet is not trusted: its leases are dropped (the
     daemon's settings changed, and the start-up cleanup removes those containers'
@@ -50,7 +51,7 @@ class Ipam:
 
     def __init__(self, path: str, subnet: str) -> None:
         self.path = path
-        self.subnet = ipaddress.IPv4Network(subnet)
+        self.subnet = ipaddress.ip_network(subnet)
         self.leases: dict[str, str] = {}
         self._last = int(self.subnet.network_address) + 1
         self._load()
@@ -77,13 +78,17 @@ class Ipam:
             return
         leases = data.get("leases", {})
         self.leases = {str(k): str(v) for k, v in leases.items()}
-        self._last = int(ipaddress.IPv4Address(data.get("last", self.gateway)))
+        self._last = int(ipaddress.ip_address(data.get("last", self.gateway)))
 
     def _save(self) -> None:
         os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
-        data = {"subnet": str(self.subnet), "last": str(ipaddress.IPv4Address(self._last)),
+        data = {"subnet": str(self.subnet), "last": self._str(self._last),
                 "leases": dict(sorted(self.leases.items()))}
         write_atomic(self.path, json.dumps(data, indent=1).encode(), 0o600)
+
+    def _str(self, n: int) -> str:
+        return str(ipaddress.ip_address(n) if self.subnet.version == 4
+                   else ipaddress.IPv6Address(n))
 
     def get(self, name: str) -> str | None:
         """The address leased to `name`, or None."""
@@ -100,12 +105,14 @@ class Ipam:
             AddressError: `want` is outside the subnet, is the gateway, the network or the
                 broadcast address, or is leased to another container; or no address is free.
         """
+        if want is not None:
+            want = self._str(int(ipaddress.ip_address(want)))
         have = self.leases.get(name)
         if have is not None and (want is None or want == have):
             return have
         taken = {v for k, v in self.leases.items() if k != name}
         if want is not None:
-            addr = ipaddress.IPv4Address(want)
+            addr = ipaddress.ip_address(want)
             if addr not in self.subnet or addr in (self.subnet.network_address,
                                                     self.subnet.broadcast_address):
                 raise AddressError(f"{want} is not a host address of the subnet {self.subnet}")
@@ -123,7 +130,7 @@ class Ipam:
             chosen = ""
             for i in range(span):
                 n = first + (start - first + i) % span
-                cand = str(ipaddress.IPv4Address(n))
+                cand = self._str(n)
                 if cand not in taken:
                     chosen = cand
                     self._last = n

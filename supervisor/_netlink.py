@@ -38,6 +38,8 @@ __all__ = ["attach", "create_netns", "delete_bridge", "detach", "ensure_bridge",
 
 T = TypeVar("T")
 CONTAINER_IFNAME = "eth0"
+_IFA_F_NODAD = 0x02  # an address of ours on our own link: no duplicate detection delay
+_AF_INET, _AF_INET6 = 2, 10
 
 
 def _in_fresh_thread(fn: Callable[[], T]) -> T:
@@ -138,8 +140,9 @@ def _write_sysctl(path: str, value: str) -> None:
         f.write(value)
 
 
-def ensure_bridge(bridge: str, gateway: str, prefixlen: int) -> None:
-    """Create `bridge` with the gateway address, up, if it is not there yet.
+def ensure_bridge(bridge: str, gateway: str, prefixlen: int, gateway6: str | None = None,
+                  prefixlen6: int = 64) -> None:
+    """Create `bridge` with the gateway address(es), up, if it is not there yet.
 
     ``route_localnet`` lets packets from 127.0.0.0/8 (a published port used on 127.0.0.1,
     masqueraded by `_nft`) be routed out of the bridge; it changes nothing for other
@@ -157,9 +160,12 @@ def ensure_bridge(bridge: str, gateway: str, prefixlen: int) -> None:
                     raise
             found = ipr.link_lookup(ifname=bridge)
         index = found[0]
-        have = {(a.get("address"), a["prefixlen"]) for a in ipr.get_addr(index=index, family=2)}
+        have = {(a.get("address"), a["prefixlen"]) for a in ipr.get_addr(index=index)}
         if (gateway, prefixlen) not in have:
             ipr.addr("add", index=index, address=gateway, prefixlen=prefixlen)
+        if gateway6 is not None and (gateway6, prefixlen6) not in have:
+            ipr.addr("add", index=index, address=gateway6, prefixlen=prefixlen6,
+                     flags=_IFA_F_NODAD)
         ipr.link("set", index=index, state="up")
     _write_sysctl(f"/proc/sys/net/ipv4/conf/{bridge}/route_localnet", "1")
 
@@ -178,9 +184,11 @@ def delete_bridge(bridge: str) -> bool:
 
 
 def attach(netns: str, bridge: str, name: str, address: str, prefixlen: int,
-           gateway: str) -> str:
-    """Give the namespace at `netns` an ``eth0`` on `bridge` with `address`, and a default
-    route via `gateway`. Returns the host end's name.
+           gateway: str, address6: str | None = None, prefixlen6: int = 64,
+           gateway6: str | None = None) -> str:
+    """Give the namespace at `netns` an ``eth0`` on `bridge` with `address` (and
+    `address6`), and a default route via `gateway` (and `gateway6`). Returns the host end's
+    name.
 
     An old pair of the same name (a crash between create and configure) is deleted first.
     """
@@ -210,8 +218,13 @@ def attach(netns: str, bridge: str, name: str, address: str, prefixlen: int,
     def configure(ipr: Any) -> None:
         eth = ipr.link_lookup(ifname=CONTAINER_IFNAME)[0]
         ipr.addr("add", index=eth, address=address, prefixlen=prefixlen)
+        if address6 is not None:
+            ipr.addr("add", index=eth, address=address6, prefixlen=prefixlen6,
+                     flags=_IFA_F_NODAD)
         ipr.link("set", index=eth, state="up")
         ipr.route("add", dst="0.0.0.0/0", gateway=gateway, oif=eth)
+        if gateway6 is not None:
+            ipr.route("add", dst="::/0", gateway=gateway6, oif=eth, family=_AF_INET6)
 
     try:
         _in_netns(netns, configure)

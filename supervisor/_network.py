@@ -74,6 +74,7 @@ class Attachment:
     netns: str
     hosts: str
     resolv_conf: str
+    address6: str | None = None
 
 
 def oci_changes(cfg: dict[str, Any], att: Attachment) -> dict[str, Any]:
@@ -133,6 +134,7 @@ class Network:
     limiter: trio.CapacityLimiter = attrs.field(factory=lambda: trio.CapacityLimiter(8))
     _lock: trio.Lock = attrs.field(init=False, factory=trio.Lock)
     _ipam: Ipam | None = attrs.field(init=False, default=None)
+    _ipam6: Ipam | None = attrs.field(init=False, default=None)
     _hostnames: dict[str, str] = attrs.field(init=False, factory=dict)
     _ports: dict[str, tuple[Any, ...]] = attrs.field(init=False, factory=dict)
     _bridge_ready: bool = attrs.field(init=False, default=False)
@@ -155,17 +157,28 @@ class Network:
 
     def _attachment(self, name: str, address: str) -> Attachment:
         d = self.files_dir(name)
+        six = self._leases6()
         return Attachment(name, address, self.netns_path(name), os.path.join(d, "hosts"),
-                          os.path.join(d, "resolv.conf"))
+                          os.path.join(d, "resolv.conf"),
+                          six.get(name) if six is not None else None)
 
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
 
     def _leases(self) -> Ipam:
+        """The IPv4 leases (read from their file on the first call: call it in a thread)."""
         if self._ipam is None:
             self._ipam = Ipam(os.path.join(self.directory, "ipam.json"),
-                                    self.settings.subnet)
+                              self.settings.subnet)
+            self._leases6()
         return self._ipam
+
+    def _leases6(self) -> Ipam | None:
+        """The IPv6 leases, or None without ``subnet6``."""
+        if self._ipam6 is None and self.settings.subnet6 is not None:
+            self._ipam6 = Ipam(os.path.join(self.directory, "ipam6.json"),
+                               self.settings.subnet6)
+        return self._ipam6
 
     async def _ipam_call(self, fn: Callable[[Ipam], Any]) -> Any:
         return await self._run(lambda: fn(self._leases()))
@@ -195,9 +208,10 @@ class Network:
         from . import _netlink, _nft
 
         name, s = spec.name, self.settings
-        ipam = self._leases()
+        ipam, six = self._leases(), self._leases6()
         if not self._bridge_ready:
-            await self._run(_netlink.ensure_bridge, s.bridge, ipam.gateway, ipam.prefixlen)
+            await self._run(_netlink.ensure_bridge, s.bridge, ipam.gateway, ipam.prefixlen,
+                            six.gateway if six else None, six.prefixlen if six else 64)
             await self._run(_nft.ensure_table, self.table, s.bridge)
             self._bridge_ready = True
         self._hostnames[name] = (spec.hostname or name)[:_HOST_NAME_MAX]
@@ -206,6 +220,8 @@ class Network:
             await self._teardown(name)  # a new fixed address: start afresh
             old = None
         address = await self._ipam_call(lambda i: i.allocate(name, spec.network.ip))
+        if six is not None:
+            await self._run(six.allocate, name)
         att = self._attachment(name, address)
         ports = spec.network.ports
         try:
@@ -222,7 +238,8 @@ class Network:
             with trio.CancelScope(shield=True):
                 await self._teardown(name)
             raise
-        log.info("%s: network up: %s on %s%s", name, address, s.bridge,
+        log.info("%s: network up: %s on %s%s", name,
+                 address + (f", {att.address6}" if att.address6 else ""), s.bridge,
                  "".join(f", {p.host_ip or '*'}:{p.host_port}->{p.container_port}/"
                          f"{p.protocol}" for p in ports))
         return att
@@ -231,12 +248,13 @@ class Network:
         """(blocking) A new namespace at att.netns with eth0 on the bridge."""
         from . import _netlink
 
-        ipam = self._leases()
+        ipam, six = self._leases(), self._leases6()
         _netlink.detach(self.settings.bridge, att.name)
         _netlink.remove_netns(att.netns)
         _netlink.create_netns(att.netns)
         _netlink.attach(att.netns, self.settings.bridge, att.name, att.address,
-                        ipam.prefixlen, ipam.gateway)
+                        ipam.prefixlen, ipam.gateway, att.address6,
+                        six.prefixlen if six else 64, six.gateway if six else None)
 
     def _write_files(self, att: Attachment) -> None:
         """(blocking) The container's resolv.conf, and every bridge container's hosts."""
@@ -246,16 +264,22 @@ class Network:
 
     def _write_all_hosts(self) -> None:
         leases = dict(self._leases().leases)
-        for name, address in leases.items():
+        six = self._leases6()
+        leases6 = dict(six.leases) if six is not None else {}
+        for name in leases:
             d = self.files_dir(name)
             if not os.path.isdir(d):
                 continue
             lines = [HOSTS_HEADER]
             own = self._hostnames.get(name, name)
-            lines.append(f"{address}\t{own}" + (f" {name}" if own != name else "") + "\n")
-            for other, addr in sorted(leases.items()):
-                if other != name:
-                    lines.append(f"{addr}\t{other}\n")
+            names = own + (f" {name}" if own != name else "")
+            for book in (leases, leases6):
+                if name in book:
+                    lines.append(f"{book[name]}\t{names}\n")
+            for other in sorted(leases):
+                for book in (leases, leases6):
+                    if other != name and other in book:
+                        lines.append(f"{book[other]}\t{other}\n")
             _rewrite(os.path.join(d, "hosts"), "".join(lines).encode())
 
     async def down(self, name: str) -> None:
@@ -287,6 +311,9 @@ class Network:
         self._hostnames.pop(name, None)
         try:
             await self._ipam_call(lambda i: i.release(name))
+            six = self._leases6()
+            if six is not None:
+                await self._run(six.release, name)
             await self._run(self._write_all_hosts)
         except OSError as e:
             log.warning("%s: network cleanup: lease: %s", name, e)
@@ -331,6 +358,8 @@ class Network:
                 except FileNotFoundError:
                     pass
             names.update(self._leases().leases)
+            six = self._leases6()
+            names.update(six.leases if six is not None else ())
             try:
                 names.update(await self._run(_netlink.owned_links, self.settings.bridge))
                 names.update(await self._run(_nft.list_owners, self.table))
@@ -343,6 +372,23 @@ class Network:
                 log.warning("removed the networks of %d container(s) left by a previous "
                             "corrald: %s", len(gone), ", ".join(gone))
             return gone
+
+    def _remove_directory(self) -> None:
+        """(blocking) ``ROOT/network`` once nothing is left in it but empty lease files."""
+        for sub in ("netns", "files"):
+            try:
+                os.rmdir(os.path.join(self.directory, sub))
+            except OSError:
+                pass
+        for f in ("ipam.json", "ipam6.json"):
+            try:
+                os.unlink(os.path.join(self.directory, f))
+            except OSError:
+                pass
+        try:
+            os.rmdir(self.directory)
+        except OSError:
+            pass
 
     async def close(self) -> None:
         """At exit: remove the bridge and the table when no container is left on them."""
@@ -361,14 +407,5 @@ class Network:
                     await self._run(fn, arg)
                 except Exception as e:
                     log.warning("network: removing %s: %s", arg, e)
-            for sub in ("netns", "files"):
-                try:
-                    os.rmdir(os.path.join(self.directory, sub))
-                except OSError:
-                    pass
-            try:
-                os.unlink(os.path.join(self.directory, "ipam.json"))
-                os.rmdir(self.directory)
-            except OSError:
-                pass
+            await self._run(self._remove_directory)
             self._bridge_ready = False

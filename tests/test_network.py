@@ -54,13 +54,15 @@ def _used_subnets() -> set[ipaddress.IPv4Network]:
     return nets
 
 
-def fresh_settings() -> BridgeSettings:
-    """A bridge name and a 10.213.X.0/24 that nothing on this host uses."""
+def fresh_settings(ipv6: bool = False) -> BridgeSettings:
+    """A bridge name and a 10.213.X.0/24 that nothing on this host uses (and a ULA /64)."""
     used = _used_subnets()
     for _ in range(100):
         net = ipaddress.IPv4Network(f"10.213.{random.randrange(256)}.0/24")
         if not any(net.overlaps(u) for u in used if u.prefixlen > 0):
-            return BridgeSettings(bridge="crt" + secrets.token_hex(4), subnet=str(net))
+            six = f"fd77:213:{secrets.token_hex(2)}::/64" if ipv6 else None
+            return BridgeSettings(bridge="crt" + secrets.token_hex(4), subnet=str(net),
+                                  subnet6=six)
     raise AssertionError("no free 10.213.X.0/24 on this host")
 
 
@@ -127,8 +129,8 @@ def remove_network(settings: BridgeSettings, root: Path) -> None:
 
 
 @pytest.fixture
-def settings(rt: Runtime) -> Iterator[BridgeSettings]:
-    s = fresh_settings()
+def settings(rt: Runtime, request: pytest.FixtureRequest) -> Iterator[BridgeSettings]:
+    s = fresh_settings(ipv6=bool(getattr(request, "param", False)))
     try:
         yield s
     finally:
@@ -148,7 +150,9 @@ class Corrald:
         self.toml = tmp / "corrald.toml"
         self.conf.mkdir()
         self.toml.write_text(f'[network]\nbridge = "{settings.bridge}"\n'
-                             f'subnet = "{settings.subnet}"\n')
+                             f'subnet = "{settings.subnet}"\n' + (
+                                 f'subnet6 = "{settings.subnet6}"\n' if settings.subnet6
+                                 else ""))
         self.proc: subprocess.Popen[bytes] | None = None
         self.runs = 0
         self.err = tmp / "corrald-0.err"
@@ -379,3 +383,22 @@ def test_addresses_survive_a_daemon_restart(rt, settings):
 
     trio.run(main)
     assert network_leftovers(settings, rt.state_root) == []
+
+
+@pytest.mark.parametrize("settings", [True], indirect=True, ids=["ipv6"])
+def test_ipv6_addresses_and_names(corrald):
+    web = corrald.add(HTTPD, 'mode = "bridge"')
+    client = corrald.add(
+        ["sh", "-c", f"a=$(grep -F : /etc/hosts | grep -w {web} | cut -f1); echo web6=$a; "
+                     f"until wget -q -O - http://[$a]:8080/; do sleep 0.2; done; "
+                     "echo fetched; exec sleep 1000"], 'mode = "bridge"')
+    corrald.start()
+    up = corrald.wait_for(rf"{web}: network up: (\S+), (\S+) on")
+    web4, web6 = up.group(1), up.group(2)
+    assert ipaddress.IPv4Address(web4) in ipaddress.IPv4Network(corrald.settings.subnet)
+    assert ipaddress.IPv6Address(web6) in ipaddress.IPv6Network(corrald.settings.subnet6)
+    log = corrald.wait_for(r"fetched", lambda: corrald.log_of(client)).string
+    assert f"web6={web6}" in log
+    assert "corral demo" in log
+    assert corrald.terminate() == 0
+    assert network_leftovers(corrald.settings, corrald.rt.state_root) == []

@@ -92,6 +92,8 @@ def test_daemon_network_defaults(tmp_path):
     spec = load_daemon(write(tmp_path, '[network]\nbridge = "br-test"\nsubnet = "10.1.2.0/24"\n',
                              "corrald.toml"))
     assert spec.network == BridgeSettings("br-test", "10.1.2.0/24")
+    six = load_daemon(write(tmp_path, '[network]\nsubnet6 = "fd77:1::/64"\n', "corrald.toml"))
+    assert six.network == BridgeSettings(subnet6="fd77:1::/64")
 
 
 @pytest.mark.parametrize(("text", "key", "problem"), [
@@ -103,6 +105,10 @@ def test_daemon_network_defaults(tmp_path):
     ('subnet = "10.1.2.0/31"', "network.subnet", "prefix length"),
     ('subnet = "fd00::/64"', "network.subnet", "not an IPv4 subnet"),
     ('gateway = "10.1.2.1"', "network.gateway", "unknown key"),
+    ('subnet6 = "10.1.2.0/24"', "network.subnet6", "not an IPv6 subnet"),
+    ('subnet6 = "fd77::1/64"', "network.subnet6", "not an IPv6 subnet"),
+    ('subnet6 = "fd77::/32"', "network.subnet6", "prefix length"),
+    ('subnet6 = "fd77::"', "network.subnet6", "prefix length"),
 ])
 def test_daemon_bad_network(tmp_path, text, key, problem):
     path = write(tmp_path, "[network]\n" + text + "\n", "corrald.toml")
@@ -209,3 +215,17 @@ def test_ipam_retain_and_other_subnet(tmp_path):
     assert Ipam(path, "10.9.0.0/24").leases == {"b": "10.9.0.3"}
     # Leases of another subnet (the settings changed) are not trusted.
     assert Ipam(path, "10.8.0.0/24").leases == {}
+
+
+def test_ipam_ipv6(tmp_path):
+    path = str(tmp_path / "ipam6.json")
+    ipam = Ipam(path, "fd77:1::/64")
+    assert ipam.gateway == "fd77:1::1"
+    assert ipam.allocate("a") == "fd77:1::2"
+    assert ipam.allocate("b", "FD77:1:0::00AA") == "fd77:1::aa"  # normalised
+    with pytest.raises(AddressError, match="already leased"):
+        ipam.allocate("c", "fd77:1::aa")
+    with pytest.raises(AddressError, match="not a host address"):
+        ipam.allocate("c", "10.0.0.1")
+    assert Ipam(path, "fd77:1::/64").leases == {"a": "fd77:1::2", "b": "fd77:1::aa"}
+    assert Ipam(path, "fd77:1::/64").allocate("c") == "fd77:1::3"
