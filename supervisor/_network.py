@@ -199,8 +199,9 @@ class Network:
             except (OSError, AddressError) as e:
                 raise NetworkError(f"network: {e}") from e
             except Exception as e:
-                # pyroute2's NetlinkError is an Exception with the errno in .code.
-                if type(e).__name__ != "NetlinkError":
+                from pyroute2.netlink.exceptions import NetlinkError  # loaded by now
+
+                if not isinstance(e, NetlinkError):
                     raise
                 raise NetworkError(f"network: netlink: {e}") from e
 

@@ -402,3 +402,42 @@ def test_ipv6_addresses_and_names(corrald):
     assert "corral demo" in log
     assert corrald.terminate() == 0
     assert network_leftovers(corrald.settings, corrald.rt.state_root) == []
+
+
+def _refused(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2):
+            return False
+    except OSError:
+        return True
+
+
+def test_reload_moves_a_published_port_and_a_taken_address_is_refused(corrald):
+    old_port, new_port = _free_port(), _free_port()
+    subnet = ipaddress.IPv4Network(corrald.settings.subnet)
+    fixed = str(subnet.network_address + 50)
+    web = corrald.add(HTTPD, f'mode = "bridge"\nip = "{fixed}"\n'
+                             f'ports = ["127.0.0.1:{old_port}:8080"]')
+    corrald.start()
+    assert corrald.address(web) == fixed
+    assert _get(f"http://127.0.0.1:{old_port}/") == "corral demo\n"
+    assert corrald.proc is not None
+
+    # A changed port: the container restarts with its rules moved, its address kept.
+    (corrald.conf / f"{web}.toml").write_text(
+        (corrald.conf / f"{web}.toml").read_text().replace(str(old_port), str(new_port)))
+    corrald.proc.send_signal(signal.SIGHUP)
+    corrald.wait_for(rf"(?s){web}: network up: .*{web}: network up: {re.escape(fixed)} on "
+                     rf"\S+, 127\.0\.0\.1:{new_port}->8080/tcp")
+    assert _get(f"http://127.0.0.1:{new_port}/") == "corral demo\n"
+    assert _refused(old_port)
+    assert list_owners(table_name(corrald.settings.bridge)) == {web}
+
+    # Another container asking for the same fixed address is refused, naming the owner.
+    thief = corrald.add(["sleep", "1000"], f'mode = "bridge"\nip = "{fixed}"')
+    corrald.proc.send_signal(signal.SIGHUP)
+    corrald.wait_for(rf"{thief}: state \w+ -> fatal \(cannot create: network: "
+                     rf"{re.escape(fixed)} is already leased to '{web}'\)")
+    assert set(owned_links(corrald.settings.bridge)) == {web}
+    assert _get(f"http://127.0.0.1:{new_port}/") == "corral demo\n"
+    assert corrald.terminate() == 0
