@@ -236,6 +236,7 @@ class Network:
                 self._ports[name] = (address, ports)
             await self._run(self._write_files, att)
         except BaseException:
+            self._bridge_ready = False  # check the bridge and table again next time
             with trio.CancelScope(shield=True):
                 await self._teardown(name)
             raise
