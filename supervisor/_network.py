@@ -210,22 +210,24 @@ class Network:
 
         name, s = spec.name, self.settings
         ipam, six = self._leases(), self._leases6()
-        if not self._bridge_ready:
-            await self._run(_netlink.ensure_bridge, s.bridge, ipam.gateway, ipam.prefixlen,
-                            six.gateway if six else None, six.prefixlen if six else 64)
-            await self._run(_nft.ensure_table, self.table, s.bridge)
-            self._bridge_ready = True
-        self._hostnames[name] = (spec.hostname or name)[:_HOST_NAME_MAX]
-        old = ipam.get(name)
-        if old is not None and spec.network.ip not in (None, old):
-            await self._teardown(name)  # a new fixed address: start afresh
-            old = None
-        address = await self._ipam_call(lambda i: i.allocate(name, spec.network.ip))
-        if six is not None:
-            await self._run(six.allocate, name)
-        att = self._attachment(name, address)
         ports = spec.network.ports
         try:
+            if not self._bridge_ready:
+                await self._run(_netlink.ensure_bridge, s.bridge, ipam.gateway,
+                                ipam.prefixlen, six.gateway if six else None,
+                                six.prefixlen if six else 64)
+                await self._run(_nft.ensure_table, self.table, s.bridge)
+                self._bridge_ready = True
+            self._hostnames[name] = (spec.hostname or name)[:_HOST_NAME_MAX]
+            old = ipam.get(name)
+            if old is not None and spec.network.ip not in (None, old):
+                await self._teardown(name)  # a new fixed address: start afresh
+                self._hostnames[name] = (spec.hostname or name)[:_HOST_NAME_MAX]
+                old = None
+            address = await self._ipam_call(lambda i: i.allocate(name, spec.network.ip))
+            if six is not None:
+                await self._run(six.allocate, name)
+            att = self._attachment(name, address)
             links = await self._run(_netlink.owned_links, s.bridge)
             there = await self._run(os.path.exists, att.netns)
             if old is None or name not in links or not there:
