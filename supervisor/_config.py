@@ -908,7 +908,9 @@ def to_oci(spec: ContainerSpec, base: dict[str, Any] | None = None) -> dict[str,
     command; ``env`` as ``KEY=VALUE``, over the base's (a rootfs gets only ``PATH`` by
     default); ``cwd``; ``user``; ``hostname`` (a rootfs container's defaults to its name);
     bind mounts appended (``rbind``, plus ``ro`` when readonly); ``linux.resources``
-    memory limit, pids limit and a CPU quota of cpus x 100000 µs per 100000 µs.
+    memory limit, pids limit and a CPU quota of cpus x 100000 µs per 100000 µs; network
+    mode ``"host"`` drops the network namespace (``"bridge"`` is added by the daemon, which
+    sets the namespace up first: `_network.oci_changes`).
 
     Args:
         spec: a checked spec.

@@ -440,4 +440,19 @@ def test_reload_moves_a_published_port_and_a_taken_address_is_refused(corrald):
                      rf"{re.escape(fixed)} is already leased to '{web}'\)")
     assert set(owned_links(corrald.settings.bridge)) == {web}
     assert _get(f"http://127.0.0.1:{new_port}/") == "corral demo\n"
+
+    # A removed file: the container's network goes with it, the daemon keeps running.
+    downs = corrald.text.count(f"{web}: network down")
+    for name in (web, thief):
+        (corrald.conf / f"{name}.toml").unlink()
+    corrald.proc.send_signal(signal.SIGHUP)
+    corrald.wait_for(rf"reload: stop {min(web, thief)}, {max(web, thief)}")
+    corrald.wait_for(rf"(?s)({web}: network down.*){{{downs + 1}}}")
+    assert owned_links(corrald.settings.bridge) == {}
+    assert list_owners(table_name(corrald.settings.bridge)) == set()
+    assert _refused(new_port)
+    state = corrald.rt.state_root / "network"
+    assert sorted(p.name for p in (state / "netns").iterdir()) == []
+    assert sorted(p.name for p in (state / "files").iterdir()) == []
+    assert json.loads((state / "ipam.json").read_text())["leases"] == {}
     assert corrald.terminate() == 0
