@@ -588,9 +588,9 @@ def _ipv4(value: object, file: str, key: str) -> str:
         raise ConfigError(file, key, f"{text!r} is not an IPv4 address") from None
 
 
-def _port_number(text: str, file: str, key: str, what: str) -> int:
+def _port_number(text: str, entry: str, file: str, key: str, what: str) -> int:
     if not text.isascii() or not text.isdigit() or not 1 <= int(text) <= 65535:
-        raise ConfigError(file, key, f"{text!r} is not a {what} port (1..65535)")
+        raise ConfigError(file, key, f"{entry!r}: {text!r} is not a {what} port (1..65535)")
     return int(text)
 
 
@@ -605,8 +605,8 @@ def _port(value: object, file: str, key: str) -> PortSpec:
                           "[/tcp|udp]\", like \"127.0.0.1:8080:80\"")
     host_ip = _ipv4(parts[0], file, key) if len(parts) == 3 else None
     return PortSpec(host_ip=host_ip,
-                    host_port=_port_number(parts[-2], file, key, "host"),
-                    container_port=_port_number(parts[-1], file, key, "container"),
+                    host_port=_port_number(parts[-2], text, file, key, "host"),
+                    container_port=_port_number(parts[-1], text, file, key, "container"),
                     protocol="udp" if proto == "udp" else "tcp")
 
 
