@@ -24,7 +24,9 @@ On this Debian, podman's default network backend is CNI; the bench sets netavark
 own containers.conf. netavark 1.4 switches ``net.ipv4.ip_forward`` on and leaves its
 iptables chains behind (iptables-nft then keeps ``ip filter``/``ip nat`` tables): the bench
 puts ip_forward back, deletes the NETAVARK chains and their jumps, and drops the two tables
-when they did not exist before and are empty again.
+when they did not exist before and are empty again; likewise /run/netns (podman's, a shared
+bind mount of itself) and /run/containers/networks (netavark's IPAM database) when the
+bench made them.
 """
 
 from __future__ import annotations
@@ -127,9 +129,14 @@ def bench_corral(tmp: Path, rootfs: Path, runs: int) -> dict[str, Any]:
 class HostState:
     """What netavark changes on the host and the bench puts back."""
 
+    # podman 4.3 keeps network namespaces in /run/netns (made a shared bind mount of itself)
+    # and netavark its IPAM database in /run/containers/networks, whatever the storage root.
+    PODMAN_PATHS = ("/run/netns", "/run/containers/networks", "/run/containers")
+
     def __init__(self) -> None:
         self.ip_forward = Path("/proc/sys/net/ipv4/ip_forward").read_text().strip()
         self.tables = self._tables()
+        self.paths = {p for p in self.PODMAN_PATHS if os.path.lexists(p)}
 
     @staticmethod
     def _tables() -> set[str]:
@@ -140,6 +147,18 @@ class HostState:
 
     def restore(self) -> None:
         Path("/proc/sys/net/ipv4/ip_forward").write_text(self.ip_forward + "\n")
+        for p in self.PODMAN_PATHS:
+            if p in self.paths or not os.path.isdir(p):
+                continue
+            subprocess.run(["umount", p], capture_output=True)  # /run/netns: a mount
+            if p.endswith("networks"):
+                shutil.rmtree(p, ignore_errors=True)  # netavark's ipam.db, ours alone
+            try:
+                os.rmdir(p)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                say(f"{p} was made by podman and is not empty, left as it is: {e}")
         ipt = [["-D", "FORWARD", "-m", "comment", "--comment",
                 "netavark firewall plugin rules", "-j", "NETAVARK_FORWARD"],
                ["-t", "nat", "-D", "PREROUTING", "-m", "addrtype", "--dst-type", "LOCAL",
