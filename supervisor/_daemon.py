@@ -37,6 +37,7 @@ from . import _records
 from ._config import ContainerSpec, DaemonSpec, load_dir, plan_reload, to_oci
 from ._helperclient import ExitInfo, HelperClient, HelperError, HelperGone, spawn_helper
 from ._logs import LogFile, pump
+from ._network import Attachment, Network, NetworkError, oci_changes
 from ._notify import Notifier, watchdog_interval
 from ._policy import ExitCause, Fatal, RestartAfter, RestartState, starts_at_boot
 from ._records import Record, digest
@@ -56,7 +57,8 @@ LOG_DRAIN = 2.0  # seconds to read what is left in the pipes after the container
 HELPER_START_TIMEOUT = 30.0
 # Names of the runtime root's entries that are corrald's own, not containers.
 RESERVED = {"bundles": "corrald's bundle directory",
-            _records.RECORDS_DIR: "corrald's records directory"}
+            _records.RECORDS_DIR: "corrald's records directory",
+            "network": "corrald's network directory"}
 
 
 async def _thread(limiter: trio.CapacityLimiter, fn: Callable[..., Any], *args: Any) -> Any:
@@ -71,14 +73,17 @@ class Context:
     helper: HelperClient
     log_dir: str
     limiter: trio.CapacityLimiter = attrs.field(factory=lambda: trio.CapacityLimiter(8))
+    network: Network | None = None
 
     @property
     def bundles(self) -> str:
         return os.path.join(self.root.path, "bundles")
 
 
-def _write_bundle(spec: ContainerSpec, directory: str) -> str:
-    """Write ``config.json`` for `spec` into `directory` (blocking); returns the directory."""
+def _write_bundle(spec: ContainerSpec, directory: str, net: Attachment | None = None) -> str:
+    """Write ``config.json`` for `spec` into `directory` (blocking); returns the directory.
+
+    A bridge container's config joins the namespace `net` and mounts its hosts files."""
     import json
 
     base = None
@@ -89,6 +94,8 @@ def _write_bundle(spec: ContainerSpec, directory: str) -> str:
         root = base.setdefault("root", {})
         root["path"] = os.path.join(spec.bundle, root.get("path", "rootfs"))
     cfg = to_oci(spec, base)
+    if net is not None:
+        oci_changes(cfg, net)
     os.makedirs(directory, mode=0o700, exist_ok=True)
     write_atomic(os.path.join(directory, "config.json"), json.dumps(cfg).encode(), 0o600)
     return directory
@@ -264,6 +271,7 @@ class ContainerSupervisor:
         container running and its record as it is: the next daemon adopts it.
         """
         task_status.started()
+        left = False
         try:
             cause, self.undecided = self.undecided, None
             if self.adopt is not None:
@@ -306,12 +314,20 @@ class ContainerSupervisor:
                 self._set("stopped", "stopped by the user" if self._stopped_by_user
                           else "stopped with the daemon")
                 await self.save()
+        except BaseException:
+            left = True  # cancelled (the daemon leaves) or failed: the next daemon takes over
+            raise
         finally:
             self.first_attempt.set()
             self._logfile.close()
             if not self._live:
                 with trio.CancelScope(shield=True, deadline=trio.current_time() + 5):
                     await _thread(self.ctx.limiter, shutil.rmtree, self.bundle, True)
+                if (self.spec.network.mode == "bridge" and self.ctx.network is not None
+                        and not left):
+                    with trio.CancelScope(shield=True,
+                                          deadline=trio.current_time() + CLEANUP_DEADLINE):
+                        await self.ctx.network.down(self.name)
             self.done.set()
 
     async def _run_once(self) -> ExitCause | None:
@@ -321,7 +337,12 @@ class ContainerSupervisor:
         out_r = out_w = err_r = err_w = -1
         try:
             await _thread(ctx.limiter, os.makedirs, ctx.log_dir, 0o755, True)
-            await _thread(ctx.limiter, _write_bundle, self.spec, self.bundle)
+            net = None
+            if self.spec.network.mode == "bridge":
+                if ctx.network is None:
+                    raise NetworkError("network: this corrald has no bridge network")
+                net = await ctx.network.up(self.spec)
+            await _thread(ctx.limiter, _write_bundle, self.spec, self.bundle, net)
             # A container of this name left over (a daemon crash) is in the way.
             await _thread(ctx.limiter, _container.delete, ctx.root, self.name, True)
             out_r, out_w = os.pipe2(os.O_CLOEXEC)
@@ -331,7 +352,7 @@ class ContainerSupervisor:
             pid = await ctx.helper.create(self.name, self.bundle, out_w, err_w, (out_r, err_r))
             faults.hit("created")
             st = await _thread(ctx.limiter, ctx.root.load, self.name)
-        except (HelperError, CorralError, OSError, ValueError) as e:
+        except (HelperError, CorralError, OSError, ValueError, NetworkError) as e:
             for fd in (out_r, err_r):  # the write ends: below
                 if fd >= 0:
                     os.close(fd)
@@ -756,6 +777,14 @@ async def recover(daemon: Daemon, specs: dict[str, ContainerSpec]) -> None:
         async with trio.open_nursery() as nursery:
             for cid, run, why in retiring:
                 nursery.start_soon(_retire, ctx, cid, run, why)
+    if ctx.network is not None:
+        # Networks of containers not adopted (stopped above, or gone with a crash) go; the
+        # adopted keep their namespace and address, and their names in the others' hosts.
+        await ctx.network.cleanup(set(adopted))
+        for name in adopted:
+            spec = specs[name]
+            if spec.network.mode == "bridge":
+                await ctx.network.adopt(name, spec.hostname)
     for name, spec in specs.items():
         rec = records.get(name)
         if rec is not None and rec.digest != digest(spec):
@@ -815,6 +844,7 @@ async def _run_locked(spec: DaemonSpec, task_status: trio.TaskStatus[Daemon]) ->
             helper_pid = await outer.start(keep_helper)
             log.info("connected to the namespace helper (pid %d)", helper_pid)
             ctx = Context(Root(spec.root), helper, spec.log_dir)
+            ctx.network = Network(spec.network, spec.root, ctx.limiter)
             try:
                 async with trio.open_nursery() as nursery:
                     daemon = Daemon(spec, ctx, nursery)
@@ -856,6 +886,7 @@ async def _run_locked(spec: DaemonSpec, task_status: trio.TaskStatus[Daemon]) ->
                             os.rmdir(ctx.bundles)
                         except OSError:
                             pass
+                    await ctx.network.close()
                     daemon.notifier.close()
             finally:
                 await helper.aclose()

@@ -374,5 +374,5 @@ def test_exit_cause_round_trips_and_unknown_is_a_failure() -> None:
         assert ExitCause.from_json(cause.to_json()) == cause
     assert not ExitCause.unknown().is_success()
     assert "status unknown" in ExitCause.unknown().describe()
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="not an exit cause"):
         ExitCause.from_json({"kind": "exit", "code": "3"})
