@@ -341,6 +341,30 @@ def test_kill9_leftovers_are_cleaned_at_the_next_start(corrald):
     assert network_leftovers(corrald.settings, root) == []
 
 
+@pytest.mark.root
+def test_a_bridge_container_is_adopted_with_its_network(corrald):
+    """kill -9 of corrald (issue 7): the container keeps serving on its published port while
+    no daemon runs, and the next corrald adopts it with the same address and rules."""
+    port = _free_port()
+    web = corrald.add(HTTPD, f'mode = "bridge"\nports = ["127.0.0.1:{port}:8080"]')
+    corrald.start()
+    web_ip = corrald.address(web)
+    assert _get(f"http://127.0.0.1:{port}/") == "corral demo\n"
+    corrald.kill9()
+    assert _get(f"http://127.0.0.1:{port}/") == "corral demo\n"  # nobody supervises it
+    corrald.start()
+    corrald.wait_for(rf"{web}: adopted \(pid \d+\)")
+    assert f"{web}: network up" not in corrald.text  # kept, not made again
+    assert _get(f"http://127.0.0.1:{port}/") == "corral demo\n"
+    assert set(owned_links(corrald.settings.bridge)) == {web}
+    assert list_owners(table_name(corrald.settings.bridge)) == {web}
+    out = corrald.cf.run_cmd(corrald.rt.argv("exec", web, "ip", "-4", "addr", "show", "eth0"),
+                             timeout=15).stdout
+    assert f"inet {web_ip}/" in (out.decode() if isinstance(out, bytes) else out)
+    assert corrald.terminate() == 0
+    assert network_leftovers(corrald.settings, corrald.rt.state_root) == []
+
+
 def _spec(name: str, rootfs: Path, **network: Any) -> ContainerSpec:
     return ContainerSpec(name, rootfs=str(rootfs), command=("true",),
                          network=NetworkSpec(mode="bridge", **network))
