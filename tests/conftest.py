@@ -673,6 +673,8 @@ class Corrald:
         self.notify_path = str(tmp / "notify.sock")
         self.proc: subprocess.Popen[bytes] | None = None
         self.names: list[str] = []
+        self.daemon_config: str | None = None  # corrald.toml's text for every start
+        self._run_from = 0  # where the current daemon's part of `err` begins
 
     def add(self, command: str, *sections: str, memory: str | None = None) -> str:
         """Write a container file running ``sh -c COMMAND``; returns its name."""
@@ -698,7 +700,8 @@ class Corrald:
         """Start corrald (again: its stderr is appended to `err`) and wait for READY=1.
 
         `env` is added to the environment (e.g. CORRALD_FAULT); `daemon_config` is the text
-        of a corrald.toml to pass with --config."""
+        of a corrald.toml to pass with --config (default: the `daemon_config` attribute)."""
+        daemon_config = daemon_config if daemon_config is not None else self.daemon_config
         env = {**os.environ, "NOTIFY_SOCKET": self.notify_path, **(env or {})}
         argv = [sys.executable, "-m", "corral.supervisor._main", "--config-dir", str(self.conf),
                 "--root", str(self.rt.state_root), "--log-dir", str(self.logs),
@@ -711,6 +714,7 @@ class Corrald:
         with contextlib.suppress(BlockingIOError):
             while True:  # what an earlier daemon sent (a READY=1 after a reload) is stale
                 self.notify.recv(4096)
+        self._run_from = self.err.stat().st_size if self.err.exists() else 0
         with open(self.err, "ab") as err:
             self.proc = self.cf.spawn(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                       stderr=err, env=env, cwd="/")
@@ -738,17 +742,32 @@ class Corrald:
     def text(self) -> str:
         return self.err.read_text(errors="replace")
 
-    def wait_for(self, pattern: str, timeout: float = DAEMON_TIMEOUT) -> re.Match[str]:
+    @property
+    def run_text(self) -> str:
+        """What the current (last started) daemon wrote."""
+        with open(self.err, "rb") as f:
+            f.seek(self._run_from)
+            return f.read().decode(errors="replace")
+
+    def log_of(self, name: str) -> str:
+        """Container `name`'s log file, or "" before it exists."""
+        path = self.logs / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def wait_for(self, pattern: str, timeout: float = DAEMON_TIMEOUT,
+                 source: Callable[[], str] | None = None) -> re.Match[str]:
+        """The first match of `pattern` in corrald's stderr (all runs), or in `source()`."""
+        read = source or (lambda: self.text)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            m = re.search(pattern, self.text)
+            m = re.search(pattern, read())
             if m:
                 return m
-            assert self.proc is not None
-            if self.proc.poll() is not None:
+            if source is None and self.proc is not None and self.proc.poll() is not None:
                 break
             time.sleep(0.02)
-        pytest.fail(f"no {pattern!r} in corrald's log:\n{self.text}")
+        pytest.fail(f"no {pattern!r} in {'corrald' if source is None else 'the source'}:\n"
+                    f"{read()}\n--- corrald:\n{self.text}")
 
     def terminate(self, timeout: float = DAEMON_TIMEOUT) -> int:
         assert self.proc is not None

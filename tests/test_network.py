@@ -15,14 +15,12 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import json
-import os
 import random
 import re
 import secrets
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -139,112 +137,38 @@ def settings(rt: Runtime, request: pytest.FixtureRequest) -> Iterator[BridgeSett
         assert not left, f"the test left network pieces behind: {left}"
 
 
-class Corrald:
-    """One corrald subprocess with a bridge network, its files under tmp."""
-
-    def __init__(self, rt: Runtime, tmp: Path, cf: Any, settings: BridgeSettings) -> None:
-        self.rt, self.cf, self.settings = rt, cf, settings
-        self.conf = tmp / "containers.d"
-        self.logs = tmp / "logs"
-        self.ctl = tmp / "ctl"
-        self.toml = tmp / "corrald.toml"
-        self.conf.mkdir()
-        self.toml.write_text(f'[network]\nbridge = "{settings.bridge}"\n'
-                             f'subnet = "{settings.subnet}"\n' + (
-                                 f'subnet6 = "{settings.subnet6}"\n' if settings.subnet6
-                                 else ""))
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.runs = 0
-        self.err = tmp / "corrald-0.err"
-        self.names: list[str] = []
-
-    def add(self, argv: list[str], network: str, *sections: str) -> str:
-        name = self.rt.new_id()
-        self.names.append(name)
-        text = (f'[container]\nrootfs = "{self.rt.rootfs}"\ncommand = {json.dumps(argv)}\n'
-                f'[stop]\nsignal = "SIGKILL"\n[network]\n{network}\n')
-        text += "".join(s.strip() + "\n" for s in sections)
-        (self.conf / f"{name}.toml").write_text(text)
-        return name
-
-    def log_of(self, name: str) -> str:
-        path = self.logs / f"{name}.log"
-        return path.read_text(errors="replace") if path.exists() else ""
-
-    def start(self) -> None:
-        """Start corrald and wait for READY=1 (every container has had its first try)."""
-        notify_path = self.ctl.parent / f"notify-{self.runs}.sock"
-        self.err = self.ctl.parent / f"corrald-{self.runs}.err"
-        self.runs += 1
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as notify:
-            notify.bind(str(notify_path))
-            notify.settimeout(TIMEOUT)
-            env = {**os.environ, "NOTIFY_SOCKET": str(notify_path)}
-            with open(self.err, "wb") as err:
-                self.proc = self.cf.spawn(
-                    [sys.executable, "-m", "corral.supervisor._main", "--config",
-                     str(self.toml), "--config-dir", str(self.conf), "--root",
-                     str(self.rt.state_root), "--log-dir", str(self.logs), "--socket",
-                     str(self.ctl / "corrald.sock")],
-                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, env=env,
-                    cwd="/")
-            while "READY=1" not in notify.recv(4096).decode():
-                pass
-
-    @property
-    def text(self) -> str:
-        return self.err.read_text(errors="replace")
-
-    def wait_for(self, pattern: str, source: Any = None, timeout: float = TIMEOUT
-                 ) -> re.Match[str]:
-        read = source or (lambda: self.text)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            m = re.search(pattern, read())
-            if m:
-                return m
-            time.sleep(0.05)
-        pytest.fail(f"no {pattern!r} in:\n{read()}\n--- corrald:\n{self.text}")
-
-    def address(self, name: str) -> str:
-        return self.wait_for(rf"{name}: network up: (\S+) on").group(1)
-
-    def terminate(self) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        return int(self.cf.wait_tracked(self.proc, TIMEOUT))
-
-    def kill9(self) -> None:
-        assert self.proc is not None
-        self.proc.kill()
-        self.cf.wait_tracked(self.proc, TIMEOUT)
-
-    def cleanup(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            with contextlib.suppress(Exception):
-                self.proc.kill()
-                self.cf.wait_tracked(self.proc, TIMEOUT)
-        for name in self.names:
-            with contextlib.suppress(Exception):
-                self.cf.run_cmd(self.rt.argv("delete", "--force", name), timeout=15)
-        for err in self.ctl.parent.glob("corrald-*.err"):
-            for pid in set(re.findall(r"namespace helper \(?pid (\d+)", err.read_text())):
-                with contextlib.suppress(OSError):
-                    os.kill(int(pid), signal.SIGKILL)
-        subprocess.run(["rm", "-rf", str(self.rt.state_root / "bundles")], check=False)
+def _daemon_config(settings: BridgeSettings) -> str:
+    return (f'[network]\nbridge = "{settings.bridge}"\nsubnet = "{settings.subnet}"\n'
+            + (f'subnet6 = "{settings.subnet6}"\n' if settings.subnet6 else ""))
 
 
 @pytest.fixture
-def corrald(rt: Runtime, tmp_path: Path, cf: Any, settings: BridgeSettings
-            ) -> Iterator[Corrald]:
-    d = Corrald(rt, tmp_path, cf, settings)
+def corrald(corrald: Any, settings: BridgeSettings) -> Iterator[Any]:
+    """conftest's corrald, with this test's bridge in its corrald.toml."""
+    corrald.settings = settings
+    corrald.daemon_config = _daemon_config(settings)
     try:
-        yield d
+        yield corrald
     finally:
-        killed = d.proc is not None and d.proc.poll() is None
-        d.cleanup()
+        killed = corrald.proc is not None and corrald.proc.poll() is None
+        corrald.cleanup()
         if killed:  # the test failed with corrald running: its network is the failure's
-            remove_network(settings, rt.state_root)
+            remove_network(settings, corrald.rt.state_root)
+
+
+def _add(corrald: Any, argv: list[str], network: str, *sections: str) -> str:
+    """A container file running `argv` (stopped with SIGKILL) with `network` as the body of
+    its [network] table; returns its name."""
+    name = corrald.add("true")  # a name, cleaned up by the fixture; the file follows
+    text = (f'[container]\nrootfs = "{corrald.rt.rootfs}"\ncommand = {json.dumps(argv)}\n'
+            f'[stop]\nsignal = "SIGKILL"\n[network]\n{network}\n')
+    text += "".join(s.strip() + "\n" for s in sections)
+    (corrald.conf / f"{name}.toml").write_text(text)
+    return name
+
+
+def _address(corrald: Any, name: str) -> str:
+    return str(corrald.wait_for(rf"{name}: network up: (\S+) on").group(1))
 
 
 def _free_port() -> int:
@@ -271,19 +195,19 @@ HTTPD = ["httpd", "-f", "-p", "8080", "-h", "/var/www"]
 
 def test_containers_reach_each_other_by_name_and_the_host_a_published_port(corrald):
     port = _free_port()
-    web = corrald.add(HTTPD, f'mode = "bridge"\nports = ["127.0.0.1:{port}:8080/tcp"]')
-    client = corrald.add(
+    web = _add(corrald, HTTPD, f'mode = "bridge"\nports = ["127.0.0.1:{port}:8080/tcp"]')
+    client = _add(corrald,
         ["sh", "-c", f"cat /etc/hosts; until wget -q -O - http://{web}:8080/; do sleep 0.2; "
                      "done; echo fetched; exec sleep 1000"], 'mode = "bridge"')
     corrald.start()
-    web_ip, client_ip = corrald.address(web), corrald.address(client)
+    web_ip, client_ip = _address(corrald, web), _address(corrald, client)
     assert web_ip != client_ip
     subnet = ipaddress.IPv4Network(corrald.settings.subnet)
     assert {ipaddress.IPv4Address(web_ip), ipaddress.IPv4Address(client_ip)} <= set(
         subnet.hosts())
 
     # The client found the web container by name (its /etc/hosts lists it).
-    log = corrald.wait_for(r"fetched", lambda: corrald.log_of(client)).string
+    log = corrald.wait_for(r"fetched", source=lambda: corrald.log_of(client)).string
     assert "corral demo" in log
     assert re.search(rf"{re.escape(web_ip)}\t{web}\n", log)
     assert re.search(rf"{re.escape(client_ip)}\t{client}\n", log)
@@ -300,14 +224,14 @@ def test_containers_reach_each_other_by_name_and_the_host_a_published_port(corra
 def test_restarts_keep_the_address_and_fixed_addresses(corrald):
     subnet = ipaddress.IPv4Network(corrald.settings.subnet)
     fixed = str(subnet.network_address + 200)
-    flaky = corrald.add(["sh", "-c", "ip -4 addr show eth0 | grep inet; sleep 0.3; exit 3"],
+    flaky = _add(corrald, ["sh", "-c", "ip -4 addr show eth0 | grep inet; sleep 0.3; exit 3"],
                         'mode = "bridge"', '[restart]\npolicy = "always"\n'
                         'backoff_initial = "100ms"\nstart_limit_burst = 100')
-    pinned = corrald.add(["sleep", "1000"], f'mode = "bridge"\nip = "{fixed}"')
+    pinned = _add(corrald, ["sleep", "1000"], f'mode = "bridge"\nip = "{fixed}"')
     corrald.start()
-    assert corrald.address(pinned) == fixed
-    address = corrald.address(flaky)
-    log = corrald.wait_for(r"(?s)(inet .*){3}", lambda: corrald.log_of(flaky)).string
+    assert _address(corrald, pinned) == fixed
+    address = _address(corrald, flaky)
+    log = corrald.wait_for(r"(?s)(inet .*){3}", source=lambda: corrald.log_of(flaky)).string
     # Every run of the restarting container had the same address.
     assert set(re.findall(r"inet (\S+)/", log)) == {address}
     assert corrald.terminate() == 0
@@ -315,9 +239,9 @@ def test_restarts_keep_the_address_and_fixed_addresses(corrald):
 
 def test_kill9_leftovers_are_cleaned_at_the_next_start(corrald):
     port = _free_port()
-    web = corrald.add(HTTPD, f'mode = "bridge"\nports = ["127.0.0.1:{port}:8080"]')
+    web = _add(corrald, HTTPD, f'mode = "bridge"\nports = ["127.0.0.1:{port}:8080"]')
     corrald.start()
-    web_ip = corrald.address(web)
+    web_ip = _address(corrald, web)
     assert _get(f"http://127.0.0.1:{port}/") == "corral demo\n"
     corrald.kill9()
     # What a crash leaves: the namespace, the veth, the rules, the lease.
@@ -328,12 +252,12 @@ def test_kill9_leftovers_are_cleaned_at_the_next_start(corrald):
     assert list_owners(table_name(corrald.settings.bridge)) == {web}
 
     (corrald.conf / f"{web}.toml").unlink()
-    other = corrald.add(["sleep", "1000"], 'mode = "bridge"')
+    other = _add(corrald, ["sleep", "1000"], 'mode = "bridge"')
     corrald.start()
     corrald.wait_for(rf"removed the networks of 1 container\(s\) left by a previous corrald: "
                      rf"{web}")
     # The dead container's address is still not handed out at once (round-robin).
-    assert corrald.address(other) != web_ip
+    assert _address(corrald, other) != web_ip
     assert set(owned_links(corrald.settings.bridge)) == {other}
     assert list_owners(table_name(corrald.settings.bridge)) == set()
     assert not (root / "network" / "netns" / web).exists()
@@ -346,15 +270,15 @@ def test_a_bridge_container_is_adopted_with_its_network(corrald):
     """kill -9 of corrald (issue 7): the container keeps serving on its published port while
     no daemon runs, and the next corrald adopts it with the same address and rules."""
     port = _free_port()
-    web = corrald.add(HTTPD, f'mode = "bridge"\nports = ["127.0.0.1:{port}:8080"]')
+    web = _add(corrald, HTTPD, f'mode = "bridge"\nports = ["127.0.0.1:{port}:8080"]')
     corrald.start()
-    web_ip = corrald.address(web)
+    web_ip = _address(corrald, web)
     assert _get(f"http://127.0.0.1:{port}/") == "corral demo\n"
     corrald.kill9()
     assert _get(f"http://127.0.0.1:{port}/") == "corral demo\n"  # nobody supervises it
     corrald.start()
     corrald.wait_for(rf"{web}: adopted \(pid \d+\)")
-    assert f"{web}: network up" not in corrald.text  # kept, not made again
+    assert f"{web}: network up" not in corrald.run_text  # kept, not made again
     assert _get(f"http://127.0.0.1:{port}/") == "corral demo\n"
     assert set(owned_links(corrald.settings.bridge)) == {web}
     assert list_owners(table_name(corrald.settings.bridge)) == {web}
@@ -411,8 +335,8 @@ def test_addresses_survive_a_daemon_restart(rt, settings):
 
 @pytest.mark.parametrize("settings", [True], indirect=True, ids=["ipv6"])
 def test_ipv6_addresses_and_names(corrald):
-    web = corrald.add(HTTPD, 'mode = "bridge"')
-    client = corrald.add(
+    web = _add(corrald, HTTPD, 'mode = "bridge"')
+    client = _add(corrald,
         ["sh", "-c", f"a=$(grep -F : /etc/hosts | grep -w {web} | cut -f1); echo web6=$a; "
                      f"until wget -q -O - http://[$a]:8080/; do sleep 0.2; done; "
                      "echo fetched; exec sleep 1000"], 'mode = "bridge"')
@@ -421,7 +345,7 @@ def test_ipv6_addresses_and_names(corrald):
     web4, web6 = up.group(1), up.group(2)
     assert ipaddress.IPv4Address(web4) in ipaddress.IPv4Network(corrald.settings.subnet)
     assert ipaddress.IPv6Address(web6) in ipaddress.IPv6Network(corrald.settings.subnet6)
-    log = corrald.wait_for(r"fetched", lambda: corrald.log_of(client)).string
+    log = corrald.wait_for(r"fetched", source=lambda: corrald.log_of(client)).string
     assert f"web6={web6}" in log
     assert "corral demo" in log
     assert corrald.terminate() == 0
@@ -440,10 +364,10 @@ def test_reload_moves_a_published_port_and_a_taken_address_is_refused(corrald):
     old_port, new_port = _free_port(), _free_port()
     subnet = ipaddress.IPv4Network(corrald.settings.subnet)
     fixed = str(subnet.network_address + 50)
-    web = corrald.add(HTTPD, f'mode = "bridge"\nip = "{fixed}"\n'
+    web = _add(corrald, HTTPD, f'mode = "bridge"\nip = "{fixed}"\n'
                              f'ports = ["127.0.0.1:{old_port}:8080"]')
     corrald.start()
-    assert corrald.address(web) == fixed
+    assert _address(corrald, web) == fixed
     assert _get(f"http://127.0.0.1:{old_port}/") == "corral demo\n"
     assert corrald.proc is not None
 
@@ -458,7 +382,7 @@ def test_reload_moves_a_published_port_and_a_taken_address_is_refused(corrald):
     assert list_owners(table_name(corrald.settings.bridge)) == {web}
 
     # Another container asking for the same fixed address is refused, naming the owner.
-    thief = corrald.add(["sleep", "1000"], f'mode = "bridge"\nip = "{fixed}"')
+    thief = _add(corrald, ["sleep", "1000"], f'mode = "bridge"\nip = "{fixed}"')
     corrald.proc.send_signal(signal.SIGHUP)
     corrald.wait_for(rf"{thief}: state \w+ -> fatal \(cannot create: network: "
                      rf"{re.escape(fixed)} is already leased to '{web}'\)")
