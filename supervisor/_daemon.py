@@ -804,6 +804,7 @@ async def recover(daemon: Daemon, specs: dict[str, ContainerSpec]) -> None:
                 sup.restore(rec)
                 if rec.init is None and rec.state in ("running", "stopping"):
                     sup.undecided = sup.last_exit  # recorded; the daemon died before acting
+                    sup.state = rec.state
             daemon.supervisors[name] = sup
             await daemon.nursery.start(daemon._supervise, sup)
     stale = set(records) - set(specs)
