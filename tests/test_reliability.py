@@ -332,6 +332,8 @@ def test_soak_restarts_and_reloads_under_churn(corrald: Corrald) -> None:
         assert recs[name].oom_kills == 3, name
         assert recs[name].state == "exited", name
     assert gone not in recs
+    print(f"soak: {total} containers; daemon fds {first[0]} -> {last[0]}, "
+          f"RSS {first[1]} -> {last[1]} KiB")
     assert last[0] <= first[0] + 4, (first, last)  # fds (loops ran at the first sample)
     assert last[1] <= first[1] * 1.25 + 4096, (first, last)  # RSS, KiB
     # One more adoption, by a daemon without live restore, whose SIGTERM stops everything.
