@@ -1,19 +1,25 @@
 """`exec`: run another process in a running container.
 
 The runtime forks a joiner, puts it in the container's cgroup(s), and sends it the process
-to run. The joiner (non-dumpable from its first instruction: it is the host's Python, and the
-container must never reach its /proc/PID/exe or memory, the CVE-2019-5736 class) opens the
-init's namespaces, prepares what must be loaded from the host (the seccomp filter), joins the
-user namespace first and the mount namespace last, and forks: joining a pid namespace only
-applies to children. The child, now inside every namespace, sets up its terminal, working
-directory, rlimits, privileges and seccomp filter (the container's, or the one in
---process), and execs; the end of file on the shared socket (it is
-close-on-exec) tells the runtime the exec happened, and an error message that it did not.
+to run. The joiner (non-dumpable from its first instruction: it is the host's Python) opens
+the init's namespaces, prepares what must be loaded from the host (the seccomp filter, the
+memfd for the exec stub), joins the user namespace first and the mount namespace last, and
+sets the process up: terminal, working directory, rlimits, privileges, the seccomp filter
+when it must be loaded before the drop. Joining a pid namespace only applies to children,
+so the joiner itself is never visible inside. It then execs the exec stub
+(runtime/_stub.py), which forks: the child, born in the container's pid namespace, makes a
+session (and the terminal its controlling one), loads the filter with no_new_privs and
+execs; so what the container can see is never the host's Python (the CVE-2019-5736 class).
+The end of file on the shared socket (close-on-exec in the child) tells the runtime the
+exec happened. Where there is no stub, a Python child does the stub's part.
 
 Messages (JSON, one per datagram, as in _init):
   runtime -> joiner: {"type": "exec", ...}       the process and the namespaces to join
   joiner  -> runtime: {"type": "pid", "pid": N}  the pid of the process that will exec
   any     -> runtime: {"type": "error", "msg": ...}
+and from the stub, binary datagrams (runtime/_stub.py: PID, FAILURE):
+  stub parent -> runtime: int32 pid               the child's pid, in the host's namespace
+  stub child  -> runtime: int32 step, int32 errno what failed; it exits 127
 """
 
 from __future__ import annotations

@@ -4,8 +4,10 @@ Stage 1 (forked by the runtime, already in the container's cgroup) joins namespa
 path, unshares the new ones (asking the runtime to write uid/gid maps for a new user
 namespace) and forks stage 2, reports its pid and exits. Stage 2 is the container's init
 (pid 1 in a new pid namespace): it builds the root filesystem, pivots into it, applies every
-process setting that must be done from inside, reports `created`, blocks on exec.fifo until
-`start`, then drops privileges and execs the user's process.
+process setting that must be done from inside, drops privileges and execs the exec stub
+(runtime/_stub.py), which reports `created`, blocks on exec.fifo until `start` and execs the
+user's process: no process of the container ever sees the host's Python run. Only with
+startContainer hooks (or no stub for this machine) does the init wait in Python itself.
 
 Everything travels over one SOCK_SEQPACKET socket as JSON messages, one per datagram:
   runtime -> stage 1: {"type": "bootstrap", ...}       the config and the create options
@@ -16,6 +18,7 @@ Everything travels over one SOCK_SEQPACKET socket as JSON messages, one per data
   init    -> runtime: {"type": "hooks"}                 run prestart/createRuntime now
   runtime -> init:    {"type": "ok", "state": {...}}
   init    -> runtime: {"type": "created"}               set up, about to block on the fifo
+                                                        (sent by the stub, when it is used)
   runtime -> init:    {"type": "ok"}                    state.json is written
   any     -> runtime: {"type": "error", "msg": "..."}  then the sender exits 1
 An end of file in either direction means the other side died: the survivor gives up.

@@ -326,3 +326,23 @@ def test_exec_seccomp(rt, make_bundle, nnp):
     assert res.stdout.splitlines() == ["mkdir=1", f"NoNewPrivs:\t{int(nnp)}", "Seccomp:\t2"]
     assert "Operation not permitted" in res.stderr
     rt("delete", "--force", cid)
+
+
+@pytest.mark.root
+def test_python_path_when_execveat_is_refused(rt, make_bundle):
+    """A filter loaded without no_new_privs that refuses execveat: the stub cannot be exec'd,
+    and both the init and exec take their Python path, which still works."""
+    sec = {"defaultAction": "SCMP_ACT_ALLOW",
+           "syscalls": [{"names": ["execveat"], "action": "SCMP_ACT_ERRNO"}]}
+    b = make_bundle(args=SLEEP, changes=lambda c: (
+        c["linux"].__setitem__("seccomp", sec),
+        c["process"].__setitem__("noNewPrivileges", False)))
+    cid = rt.create(b)
+    assert "memfd" not in os.readlink(f"/proc/{rt.state(cid)['pid']}/exe")
+    rt("start", cid)
+    assert rt.wait_status(cid, "running") == "running"
+    res = rt("exec", "--tty", cid, "sh", "-c", "tty; exit 5", check=False)
+    assert res.returncode == 5, res.stderr
+    assert res.stdout.startswith("/dev/pts/"), res.stdout
+    assert rt("exec", cid, "grep", "Seccomp:", "/proc/self/status").stdout == "Seccomp:\t2\n"
+    rt("delete", "--force", cid)
