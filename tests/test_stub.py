@@ -346,3 +346,52 @@ def test_python_path_when_execveat_is_refused(rt, make_bundle):
     assert res.stdout.startswith("/dev/pts/"), res.stdout
     assert rt("exec", cid, "grep", "Seccomp:", "/proc/self/status").stdout == "Seccomp:\t2\n"
     rt("delete", "--force", cid)
+
+
+_ROOT_CAPS = {"bounding": ["CAP_KILL", "CAP_CHOWN", "CAP_NET_RAW"], "effective": ["CAP_KILL"],
+              "permitted": ["CAP_KILL"], "inheritable": ["CAP_CHOWN"], "ambient": []}
+CAPS_CASES = {
+    # root: after exec P' = inheritable | bounding, whatever permitted was before...
+    "root": ({"uid": 0, "gid": 0}, _ROOT_CAPS, False, (1 << 0) | (1 << 5) | (1 << 13)),
+    # ... but no_new_privs never lets exec add to permitted
+    "root-nnp": ({"uid": 0, "gid": 0}, _ROOT_CAPS, True, 1 << 5),
+    # another user: P' = ambient
+    "user-ambient": ({"uid": 1000, "gid": 1000},
+                     {"bounding": ["CAP_KILL", "CAP_NET_BIND_SERVICE"],
+                      "effective": ["CAP_NET_BIND_SERVICE"],
+                      "permitted": ["CAP_NET_BIND_SERVICE"],
+                      "inheritable": ["CAP_NET_BIND_SERVICE"],
+                      "ambient": ["CAP_NET_BIND_SERVICE"]}, True, 1 << 10),
+}
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("case", list(CAPS_CASES))
+def test_capabilities_are_those_of_one_exec(rt, case):
+    """The stub adds an execve; the kernel's capability rules are idempotent, so the process
+    ends with what the init's Python path (one execve; taken here because of a
+    startContainer hook) gives it, and what the kernel's rules say, for `run` and `exec`."""
+    user, caps, nnp, want = CAPS_CASES[case]
+    show = ["grep", "-E", "^Cap(Inh|Prm|Eff|Bnd|Amb):", "/proc/self/status"]
+    seen = {}
+    for path, hooks in (("stub", {}), ("python", {"startContainer": [{"path": "/bin/true"}]})):
+        def change(c, hooks=hooks):
+            c["process"]["user"] = user
+            c["process"]["capabilities"] = caps
+            c["process"]["noNewPrivileges"] = nnp
+            c["linux"].pop("seccomp", None)
+            if hooks:
+                c["hooks"] = hooks
+
+        rc, out, err = rt.run_container(change, show)
+        assert rc == 0, err
+        cid = rt.new_id()
+        rt("run", "--detach", "--bundle", rt.make_bundle(("sleep", "60"), change).path, cid)
+        seen[path] = (out, rt("exec", cid, *show).stdout)
+        rt("delete", "--force", cid)
+    assert seen["stub"] == seen["python"], seen
+    for out in seen["stub"]:
+        fields = dict(line.split(":\t") for line in out.splitlines())
+        assert fields["CapPrm"] == fields["CapEff"] == f"{want:016x}", seen
+        if case == "user-ambient":
+            assert fields["CapAmb"] == f"{want:016x}", seen
