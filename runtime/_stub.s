@@ -133,8 +133,8 @@ init_mode:
         syscall
         cmp     rax, 1
         je      3f
-        test    rax, rax                # the fifo is open O_RDWR: no end of file, but retry
-        je      2b
+        test    rax, rax                # end of file: no `start` can ever come (the fifo
+        je      exit1                   # is open O_RDWR, so this is not exec.fifo)
         cmp     rax, -EINTR
         je      2b
         jmp     fail

@@ -192,6 +192,9 @@ def test_init_mode_reports_created_waits_then_execs(tmp_path, good):
         with open(f"/proc/{pid}/maps") as f:
             assert _mapped_files(f.read()) == {"/memfd:corral-stub (deleted)"}
         os.write(fifo_w, b"0")  # `start`
+    except BaseException:
+        os.kill(pid, 9)
+        raise
     finally:
         os.close(fifo_w)
         ours.close()
@@ -202,6 +205,27 @@ def test_init_mode_reports_created_waits_then_execs(tmp_path, good):
     else:
         assert status == 127
         assert out == f"corral: container init: exec {path}: Exec format error\n"
+
+
+@x86_64
+@pytest.mark.parametrize("gone", ["runtime", "fifo-writer"])
+def test_init_mode_gives_up_when_the_other_side_is_gone(gone):
+    """End of file from the runtime (before its answer) or on the fifo: exit 1, never spin."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    fifo_r, fifo_w = os.pipe()
+    img = _stub.image(_stub.MODE_INIT, fifo_r, theirs.fileno(), "/bin/true", "corral-init",
+                      message=b'{"type": "created"}', steps=_stub.init_message("/bin/true"))
+    pid = _spawn_stub(img, ["true"], (fifo_r, theirs.fileno()))
+    theirs.close()
+    os.close(fifo_r)
+    try:
+        assert ours.recv(1024) == b'{"type": "created"}'
+        if gone == "fifo-writer":
+            ours.send(b'{"type": "ok"}')
+    finally:
+        ours.close()
+        os.close(fifo_w)
+    assert _exit_status(pid) == 1
 
 
 # --------------------------------------------------------------------------------------------
