@@ -26,6 +26,13 @@ TMPFS_TMP = {
 x86_64 = pytest.mark.skipif(not _stub.SUPPORTED, reason="the stub is x86-64 code")
 
 
+@pytest.fixture
+def corral(is_runc):
+    """For tests of corral's own mechanism (runc passes the runtime-neutral ones)."""
+    if is_runc:
+        pytest.skip("corral's exec stub")
+
+
 # --------------------------------------------------------------------------------------------
 # The embedded code and the image
 # --------------------------------------------------------------------------------------------
@@ -241,7 +248,7 @@ def _ptrace_caps(c):
 
 @pytest.mark.root
 @x86_64
-def test_created_init_is_the_stub_from_a_memfd(rt, make_bundle):
+def test_created_init_is_the_stub_from_a_memfd(corral, rt, make_bundle):
     cid = rt.create(make_bundle(args=("sh", "-c", "exit 3"), changes=_ptrace_caps))
     pid = rt.state(cid)["pid"]
     # Seen from the host...
@@ -262,7 +269,7 @@ def test_created_init_is_the_stub_from_a_memfd(rt, make_bundle):
 
 @pytest.mark.root
 @x86_64
-def test_start_container_hooks_keep_the_python_init(rt, make_bundle):
+def test_start_container_hooks_keep_the_python_init(corral, rt, make_bundle):
     """The documented fallback: startContainer hooks run in the init after `start`, so the
     waiting init stays Python (non-dumpable: its exe cannot even be read from inside)."""
     hook = {"path": "/bin/true"}
@@ -290,7 +297,7 @@ def _not_an_elf(tmp_path: Path):
 
 
 @pytest.mark.root
-def test_exec_failure_after_start_is_reported(rt, make_bundle, tmp_path):
+def test_exec_failure_after_start_is_reported(corral, rt, make_bundle, tmp_path):
     """The file exists and is executable (so create's lookup accepts it), but the kernel
     refuses to run it: the init says so on stderr and the container exits 127."""
     rc, out, err = rt.run_container(_not_an_elf(tmp_path), ["/not-an-elf"])
@@ -300,7 +307,7 @@ def test_exec_failure_after_start_is_reported(rt, make_bundle, tmp_path):
 
 
 @pytest.mark.root
-def test_exec_failure_in_exec_is_reported(rt, make_bundle, tmp_path):
+def test_exec_failure_in_exec_is_reported(corral, rt, make_bundle, tmp_path):
     cid = rt.new_id()
     rt("run", "--detach", "--bundle", make_bundle(args=SLEEP, changes=_not_an_elf(tmp_path)
                                                   ).path, cid)
@@ -315,7 +322,7 @@ def test_exec_failure_in_exec_is_reported(rt, make_bundle, tmp_path):
 
 
 @pytest.mark.root
-def test_exec_tty_is_the_controlling_terminal_of_a_session_leader(rt, make_bundle):
+def test_exec_tty_is_the_controlling_terminal_of_a_session_leader(corral, rt, make_bundle):
     """The stub's child leads the new session and owns the pty: job control works."""
     cid = rt.new_id()
     rt("run", "--detach", "--bundle", make_bundle(args=SLEEP).path, cid)
@@ -353,7 +360,7 @@ def test_exec_seccomp(rt, make_bundle, nnp):
 
 
 @pytest.mark.root
-def test_python_path_when_execveat_is_refused(rt, make_bundle):
+def test_python_path_when_execveat_is_refused(corral, rt, make_bundle):
     """A filter loaded without no_new_privs that refuses execveat: the stub cannot be exec'd,
     and both the init and exec take their Python path, which still works."""
     sec = {"defaultAction": "SCMP_ACT_ALLOW",
