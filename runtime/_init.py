@@ -586,12 +586,18 @@ def finalize_process(proc: dict[str, Any], preserve_fds: int) -> dict[str, Any]:
     return {"env": env, "preserve_fds": preserve_fds}
 
 
-def exec_process(path: str, args: list[str], env: list[str], preserve_fds: int) -> NoReturn:
-    """Reset what Python changed in this process, mark extra fds CLOEXEC, exec."""
+def reset_for_exec(preserve_fds: int) -> None:
+    """Undo what Python changed in this process (signal dispositions and mask), mark every
+    fd from 3 + preserve_fds on close-on-exec: what an exec should not inherit."""
     for sig in (_sys.SIGPIPE, _sys.SIGXFSZ, _sys.SIGINT):
         _sys.set_handler(sig, _sys.SIG_DFL)  # Python ignores these; exec keeps SIG_IGN
     _sys.unblock_all()
     L.close_range_cloexec(3 + preserve_fds)
+
+
+def exec_process(path: str, args: list[str], env: list[str], preserve_fds: int) -> NoReturn:
+    """Reset what Python changed in this process, mark extra fds CLOEXEC, exec."""
+    reset_for_exec(preserve_fds)
     os.execve(path, args, dict(e.split("=", 1) for e in env))
 
 
@@ -623,7 +629,7 @@ def _init_stub(boot: dict[str, Any], sock: _sys.Socket, path: str, filt: Any,
         _stub.fill(fd, _stub.image(
             _stub.MODE_INIT, boot["fifo_fd"], sock.fileno(), path, "corral-init",
             bpf=filt.bpf() if filt is not None else b"", seccomp_flags=flags,
-            message=json.dumps({"type": "created"}).encode(), steps=_stub.init_message(path)))
+            message=json.dumps({"type": "created"}).encode(), steps=_stub.init_steps(path)))
     except BaseException:
         os.close(fd)
         raise

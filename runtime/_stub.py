@@ -29,8 +29,7 @@ import fcntl
 import os
 import struct
 
-from . import _linux as L
-from . import _sys
+from ._init import reset_for_exec
 
 TYPE_CHECKING = False  # typing costs ~4 ms to import; mypy honours this name
 if TYPE_CHECKING:
@@ -166,7 +165,7 @@ def fill(fd: int, data: bytes) -> None:
     fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
 
 
-def init_message(path: str) -> bytes:
+def init_steps(path: str) -> bytes:
     """The init mode's step table: how each failure is worded on stderr."""
     pre = "corral: container init: "
     return _table([(STEP_EXEC, f"{pre}exec {path}: ".encode()),
@@ -185,10 +184,7 @@ def exec_stub(fd: int, args: list[str], env: list[str], preserve_fds: int,
         OSError: the exec failed; the process is unchanged but for the signal mask and
             dispositions and the fds marked (what the caller's own exec does anyway).
     """
-    for sig in (_sys.SIGPIPE, _sys.SIGXFSZ, _sys.SIGINT):
-        _sys.set_handler(sig, _sys.SIG_DFL)  # Python ignores these; exec keeps SIG_IGN
-    _sys.unblock_all()
-    L.close_range_cloexec(3 + preserve_fds)
+    reset_for_exec(preserve_fds)
     for k in keep:
         os.set_inheritable(k, True)
     os.execve(fd, args, dict(e.split("=", 1) for e in env))

@@ -182,7 +182,7 @@ def test_init_mode_reports_created_waits_then_execs(tmp_path, good):
         Path(path).write_bytes(b"\0garbage\n")
         Path(path).chmod(0o755)
     img = _stub.image(_stub.MODE_INIT, fifo_r, theirs.fileno(), path, "corral-init",
-                      message=b'{"type": "created"}', steps=_stub.init_message(path))
+                      message=b'{"type": "created"}', steps=_stub.init_steps(path))
     pid = _spawn_stub(img, ["echo", "started"], (fifo_r, theirs.fileno()), stdout=out_w,
                       stderr=out_w)
     theirs.close()
@@ -221,7 +221,7 @@ def test_init_mode_gives_up_when_the_other_side_is_gone(gone):
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     fifo_r, fifo_w = os.pipe()
     img = _stub.image(_stub.MODE_INIT, fifo_r, theirs.fileno(), "/bin/true", "corral-init",
-                      message=b'{"type": "created"}', steps=_stub.init_message("/bin/true"))
+                      message=b'{"type": "created"}', steps=_stub.init_steps("/bin/true"))
     pid = _spawn_stub(img, ["true"], (fifo_r, theirs.fileno()))
     theirs.close()
     os.close(fifo_r)
