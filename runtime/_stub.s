@@ -59,6 +59,7 @@
         .set STEP_SECCOMP, 5
         .set STEP_EXEC, 6
         .set STEP_FIFO, 7
+        .set STEP_DUMPABLE, 8
 
         .set SYS_read, 0
         .set SYS_write, 1
@@ -88,6 +89,8 @@
 _start:
         lea     rbx, [rip + data]
         mov     r12, rsp
+        sub     rsp, 64                 # scratch: read buffers, datagrams, sock_fprog
+        mov     r13d, STEP_DUMPABLE
         mov     eax, SYS_prctl          # prctl(PR_SET_DUMPABLE, 0): first of all
         mov     edi, PR_SET_DUMPABLE
         xor     esi, esi
@@ -95,11 +98,12 @@ _start:
         xor     r10d, r10d
         xor     r8d, r8d
         syscall
-        mov     eax, SYS_prctl          # prctl(PR_SET_NAME, comm)
+        test    rax, rax
+        js      fail
+        mov     eax, SYS_prctl          # prctl(PR_SET_NAME, comm): for ps; may fail
         mov     edi, PR_SET_NAME
         lea     rsi, [rbx + D_COMM]
         syscall
-        sub     rsp, 64                 # scratch: read buffers, datagrams, sock_fprog
         cmp     qword ptr [rbx + D_MODE], MODE_EXEC
         je      exec_mode
 
