@@ -2,8 +2,8 @@
 
 * CVE-2019-5736 class: the host binary that runs corral (the Python interpreter and the
   libpython it maps) must never be readable or writable through /proc/PID/exe or
-  /proc/PID/map_files from a container, neither while `exec` joiners run in its pid
-  namespace nor while the init (still Python) waits in `created` for `start`.
+  /proc/PID/map_files from a container, neither while `exec`s start processes in it nor
+  while the init waits in `created` for `start`.
 * No fd of the runtime's reaches a container process (only stdio and --preserve-fds).
 * The default capability set, masked paths, read-only paths and read-only root hold, also
   for processes started by `exec`.
@@ -102,8 +102,9 @@ def md5_of(path: str) -> str:
 # For every process: try to open /proc/PID/exe and each /proc/PID/map_files/* for writing
 # (`true >> f`: O_APPEND|O_CREAT, never truncates nor writes a byte) and for reading, hashing
 # what that very open reached (the process may exec or exit meanwhile). Exes hashing as the
-# container's busybox are not tried again. A process whose comm is the runtime's ("corral":
-# Python until its exec) is reported SEEN, so that the test knows what it looked at.
+# container's busybox are not tried again. A process whose comm is the runtime's ("corral-init"
+# or "corral-exec": the exec stub, until its exec) is reported SEEN, so that the test knows
+# what it looked at.
 ATTACKER = r"""
 bb=$(md5sum < /bin/busybox); bb=${bb%% *}
 ok=" "
