@@ -159,10 +159,14 @@ def breaches(log: str, busybox_md5: str, host: list[str]) -> list[str]:
         elif line.startswith("READ "):
             m = re.match(r"READ (\S+) md5=(\S*) -> (.*) comm=(.*)$", line)
             assert m, line
-            md5, target = m.group(2), m.group(3)
+            md5, target, comm = m.group(2), m.group(3), m.group(4)
             named_host = any(p in target for p in host) or "python" in target
-            # The container holds nothing but busybox; runc's memfd copy is not the host's.
-            foreign = md5 != busybox_md5 and not target.startswith("/memfd:")
+            # The container holds nothing but busybox; runc's memfd copy is not the host's,
+            # nor is corral's exec stub (named corral-init or corral-exec), also when it
+            # exec'd between the hash and the readlink (then read as the new binary's path).
+            stub = target.startswith("/memfd:") or comm.startswith(("corral-init",
+                                                                    "corral-exec"))
+            foreign = md5 != busybox_md5 and not stub
             if named_host or md5 in host_md5 or foreign:
                 found.append(line)
     # One line per (kind, what it reached), writes first: the log repeats itself.
