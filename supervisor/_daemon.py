@@ -351,7 +351,7 @@ class ContainerSupervisor:
             self._live = True
             pid = await ctx.helper.create(self.name, self.bundle, out_w, err_w, (out_r, err_r))
             faults.hit("created")
-            st = await _thread(ctx.limiter, ctx.root.load, self.name)
+            start_time, cgroup = await _thread(ctx.limiter, _init_of, ctx.root, self.name)
         except (HelperError, CorralError, OSError, ValueError, NetworkError) as e:
             for fd in (out_r, err_r):  # the write ends: below
                 if fd >= 0:
@@ -367,8 +367,8 @@ class ContainerSupervisor:
                     os.close(fd)
         self.starts += 1
         self.restart.on_start(trio.current_time())
-        self._init, self._oom_base = (pid, st.start_time), 0
-        return await self._attend(Run(pid, st.start_time, st.cgroup, out_r, err_r))
+        self._init, self._oom_base = (pid, start_time), 0
+        return await self._attend(Run(pid, start_time, cgroup, out_r, err_r))
 
     async def _attend(self, run: Run) -> ExitCause:
         """Log, watch and stop `run` until its exit; record the exit, then delete it."""
@@ -645,6 +645,27 @@ async def _connect_helper(spec: DaemonSpec) -> HelperClient:
     return await HelperClient.connect(path)
 
 
+def _init_of(root: Root, cid: str) -> tuple[int, dict[str, Any]]:
+    """The start time of container `cid`'s init and its cgroups, from the runtime's state.
+
+    Only these: the whole state holds the container's OCI config (~17 KB of Python objects),
+    which a supervisor must not keep alive for as long as its container runs.
+    """
+    st = root.load(cid)
+    return st.start_time, _memory_cgroup(st.cgroup)
+
+
+def _memory_cgroup(cg: dict[str, Any]) -> dict[str, Any]:
+    """The part of a state's cgroup description that the OOM watch reads (the memory
+    controller's directory and mount), which is all a supervisor keeps of it."""
+    if cg.get("version") == 2:
+        return {k: cg[k] for k in ("version", "path") if k in cg}
+    keep = [k for k in cg.get("paths") or {} if "memory" in k.split(",")]
+    return {"version": cg.get("version"),
+            "paths": {k: cg["paths"][k] for k in keep},
+            "mounts": {k: cg["mounts"][k] for k in keep if k in (cg.get("mounts") or {})}}
+
+
 def _load_state(root: Root, cid: str) -> State | None:
     try:
         return root.load(cid)
@@ -727,7 +748,7 @@ async def recover(daemon: Daemon, specs: dict[str, ContainerSpec]) -> None:
     down (exited, fatal, or stopped by the user with ``unless-stopped``).
     """
     ctx = daemon.ctx
-    records, problems = await _thread(ctx.limiter, _records.load_all, ctx.root.path)
+    records, problems = await _thread(ctx.limiter, _records.load_all, ctx.root.path, True)
     for p in problems:
         log.error("unreadable record (ignored): %s", p)
     with trio.fail_after(HELPER_START_TIMEOUT):
@@ -753,7 +774,7 @@ async def recover(daemon: Daemon, specs: dict[str, ContainerSpec]) -> None:
             continue
         via_helper = cid in running or info is not None
         out, err = await _attach(ctx, cid, st.pid, via_helper, alive)
-        run = Run(st.pid, st.start_time, st.cgroup, out, err, via_helper, info)
+        run = Run(st.pid, st.start_time, _memory_cgroup(st.cgroup), out, err, via_helper, info)
         gone = _source_gone(spec) if spec is not None else None
         if spec is None:
             retiring.append((cid, run, "left by the previous corrald, no longer configured"))

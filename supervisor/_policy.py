@@ -198,6 +198,11 @@ def starts_at_boot(spec: RestartSpec, stopped_by_user: bool) -> bool:
 _SLACK = 1e-9
 
 
+# One source of jitter for every container: a Random holds 2.5 KB of state, too much to keep
+# per container when a daemon runs a thousand of them.
+_JITTER = random.Random()
+
+
 def _start_history(self: RestartState) -> collections.deque[float]:
     return collections.deque(maxlen=self.spec.start_limit_burst)
 
@@ -225,7 +230,7 @@ class RestartState:
     """
 
     spec: RestartSpec
-    rng: random.Random = attrs.field(factory=random.Random)
+    rng: random.Random = attrs.field(factory=lambda: _JITTER)
     stopped_by_user: bool = False
     _starts: collections.deque[float] = attrs.field(
         init=False, default=attrs.Factory(_start_history, takes_self=True))
@@ -293,7 +298,7 @@ class RestartState:
                 raise ValueError("bad values")
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"not a restart state: {data!r} ({e})") from None
-        state = cls(spec, rng or random.Random(), stopped)
+        state = cls(spec, rng or _JITTER, stopped)
         state._starts.extend(now - t for t in ago)
         state._started_at = None if running is None else now - running
         state._step, state._retries = step, retries

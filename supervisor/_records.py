@@ -142,9 +142,12 @@ def remove(root: str, name: str) -> None:
         pass
 
 
-def load_all(root: str) -> tuple[dict[str, Record], list[str]]:
+def load_all(root: str, clean: bool = False) -> tuple[dict[str, Record], list[str]]:
     """Every record under `root`, and a message for each file that could not be read (it is
-    left in place for a person to look at, and the container is treated as unknown)."""
+    left in place for a person to look at, and the container is treated as unknown).
+
+    `clean`: also remove the temporary files of saves that a dead daemon left half done —
+    only for the daemon at its start, never while a daemon may be saving."""
     d = _dir(root)
     records: dict[str, Record] = {}
     problems: list[str] = []
@@ -155,7 +158,8 @@ def load_all(root: str) -> tuple[dict[str, Record], list[str]]:
     for entry in names:
         path = os.path.join(d, entry)
         if entry.endswith(".tmp"):
-            os.unlink(path)  # a save that the daemon's death interrupted: the old one stands
+            if clean:  # a save that the daemon's death interrupted: the old record stands
+                os.unlink(path)
             continue
         if not entry.endswith(".json"):
             continue
