@@ -11,11 +11,15 @@ per configured container, and handles SIGTERM/SIGINT (stop everything in paralle
 and SIGHUP (reload the directory: `plan_reload`). The daemon never forks, never reaps:
 exits come from the helper, which is their parent.
 
-State changes are logged as ``corrald: NAME: state OLD -> NEW (detail)``.
+State changes are logged as ``corrald: NAME: state OLD -> NEW (detail)``, and recorded, with
+exits, OOM kills and reloads, in the event ring (`EventRing`) that the control socket
+(`corral.supervisor._control`, `_ops`) serves; the operations a user asks for there (start
+a stopped container, pause, a stop that a reload must not undo) are `Daemon` methods below.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import math
@@ -31,10 +35,12 @@ from corral.runtime._errors import CorralError
 from corral.runtime._oom import CONTAINER, OomKill, OomWatcher
 from corral.runtime._state import Root, write_atomic
 
-from ._config import ContainerSpec, DaemonSpec, load_dir, plan_reload, to_oci
+from ._config import ContainerSpec, DaemonSpec, ReloadPlan, load_dir, plan_reload, to_oci
+from ._events import EventRing
 from ._helperclient import HelperClient, HelperError, HelperGone, spawn_helper
 from ._logs import LogFile, pump
 from ._notify import Notifier, watchdog_interval
+from ._ops import serve_control
 from ._policy import ExitCause, Fatal, RestartAfter, RestartState
 
 if TYPE_CHECKING:
@@ -44,7 +50,7 @@ __all__ = ["STATES", "AlreadyRunning", "ContainerSupervisor", "Context", "Daemon
 
 log = logging.getLogger("corrald")
 
-STATES = ("stopped", "starting", "running", "backoff", "stopping", "exited", "fatal")
+STATES = ("stopped", "starting", "running", "paused", "backoff", "stopping", "exited", "fatal")
 HELPER_SOCKET_NAME = "corrald-nshelper.sock"
 CLEANUP_DEADLINE = 20.0  # seconds for a shielded delete of one container
 LOG_DRAIN = 2.0  # seconds to read what is left in the pipes after the container is gone
@@ -63,6 +69,7 @@ class Context:
     helper: HelperClient
     log_dir: str
     limiter: trio.CapacityLimiter = attrs.field(factory=lambda: trio.CapacityLimiter(8))
+    events: EventRing = attrs.field(factory=EventRing)
 
     @property
     def bundles(self) -> str:
@@ -114,6 +121,14 @@ def _fresh_oom_kills(cg: dict[str, Any]) -> int:
     return 0
 
 
+def _exit_recorded(sup: ContainerSupervisor, _attr: object, cause: ExitCause | None
+                   ) -> ExitCause | None:
+    """`ContainerSupervisor.last_exit`'s setter hook: every exit becomes an event."""
+    if cause is not None:
+        sup.on_exit(cause)
+    return cause
+
+
 @attrs.define(eq=False)
 class ContainerSupervisor:
     """One container's task: its runs, its logs, its OOM watch and its restart state.
@@ -126,9 +141,15 @@ class ContainerSupervisor:
     spec: ContainerSpec
     ctx: Context
     state: str = attrs.field(init=False, default="stopped")
-    last_exit: ExitCause | None = attrs.field(init=False, default=None)
+    last_exit: ExitCause | None = attrs.field(init=False, default=None,
+                                              on_setattr=_exit_recorded)
     reason: str = attrs.field(init=False, default="")
     starts: int = attrs.field(init=False, default=0)
+    pid: int = attrs.field(init=False, default=0)
+    started_at: float | None = attrs.field(init=False, default=None)  # trio.current_time()
+    started_wall: str | None = attrs.field(init=False, default=None)  # RFC 3339, for people
+    oom_kills: int = attrs.field(init=False, default=0)
+    _oom_this_run: int = attrs.field(init=False, default=0)
     done: trio.Event = attrs.field(init=False, factory=trio.Event)
     first_attempt: trio.Event = attrs.field(init=False, factory=trio.Event)
     restart: RestartState = attrs.field(init=False)
@@ -155,6 +176,33 @@ class ContainerSupervisor:
     def _set(self, state: str, detail: str = "") -> None:
         old, self.state = self.state, state
         log.info("%s: state %s -> %s%s", self.name, old, state, f" ({detail})" if detail else "")
+        self.ctx.events.add("state", self.name, **{"from": old, "to": state, "detail": detail})
+
+    def on_running(self, pid: int) -> None:
+        """The run's process is `pid` (for status and uptime)."""
+        from corral.runtime._state import rfc3339_now
+
+        self.pid, self.started_at, self.started_wall = pid, trio.current_time(), rfc3339_now()
+        self._oom_this_run = 0
+
+    def on_exit(self, cause: ExitCause) -> None:
+        """The run ended: an ``exit`` event; an OOM kill not seen live still counts once."""
+        if cause.kind == "oom" and self._oom_this_run == 0:
+            self.oom_kills += 1
+        self.pid, self.started_at = 0, None
+        self.ctx.events.add("exit", self.name, cause=attrs.asdict(cause),
+                            description=cause.describe())
+
+    async def pause(self) -> None:
+        """Freeze the running container (the runtime's pause, in a thread)."""
+        await _thread(self.ctx.limiter, _container.pause, self.ctx.root, self.name)
+        self._set("paused", "paused by the user")
+
+    async def resume(self) -> None:
+        """Thaw the paused container."""
+        await _thread(self.ctx.limiter, _container.resume, self.ctx.root, self.name)
+        if self.state == "paused":
+            self._set("running", f"pid {self.pid}, resumed by the user")
 
     def stop(self) -> None:
         """Ask the container to stop: the configured signal, then SIGKILL after the timeout;
@@ -253,6 +301,7 @@ class ContainerSupervisor:
     async def _watch(self, pid: int) -> ExitCause:
         """Wait for the exit (from the helper) while watching OOM and serving a stop."""
         ctx = self.ctx
+        self.on_running(pid)
         cgroup: dict[str, Any] = {}
         watcher: OomWatcher | None = None
         try:
@@ -299,11 +348,19 @@ class ContainerSupervisor:
             for k in found:
                 log.warning("%s: OOM kill of %d process(es), level %s", self.name, k.count,
                             k.level)
+                self.oom_kills += k.count
+                self._oom_this_run += k.count
+                self.ctx.events.add("oom", self.name, count=k.count, level=k.level)
             kills.extend(found)
 
     async def _stopper(self) -> None:
         """On stop: the configured signal, then SIGKILL to the whole cgroup after the timeout."""
         await self._stop_requested.wait()
+        if self.state == "paused":  # a frozen process would not see the signal
+            try:
+                await _thread(self.ctx.limiter, _container.resume, self.ctx.root, self.name)
+            except CorralError as e:
+                log.info("%s: %s", self.name, e)
         stop = self.spec.stop
         self._set("stopping", f"{stop.signal.name}, SIGKILL after {stop.timeout:g}s")
         try:
@@ -332,6 +389,11 @@ class Daemon:
     nursery: trio.Nursery
     notifier: Notifier = attrs.field(factory=Notifier)
     supervisors: dict[str, ContainerSupervisor] = attrs.field(init=False, factory=dict)
+    user_stopped: set[str] = attrs.field(init=False, factory=set)  # a reload keeps them down
+    closing: bool = attrs.field(init=False, default=False)
+    load_errors: list[str] = attrs.field(init=False, factory=list)  # of the last load
+    _locks: dict[str, trio.Lock] = attrs.field(init=False, factory=dict)
+    _reload_lock: trio.Lock = attrs.field(init=False, factory=trio.Lock)
 
     def status_line(self) -> str:
         """One line for systemd's STATUS=: the count of containers in each state."""
@@ -365,6 +427,7 @@ class Daemon:
         typo in an edit must not stop a container on reload.
         """
         specs, errors = load_dir(self.spec.config_dir)
+        self.load_errors = [str(e) for e in errors]
         for e in errors:
             name = os.path.basename(str(e.file)).removesuffix(".toml")
             sup = getattr(self, "supervisors", {}).get(name)
@@ -378,28 +441,99 @@ class Daemon:
             del specs["bundles"]
         return specs
 
-    async def reload(self) -> None:
-        """SIGHUP: stop removed containers, start added ones, restart changed ones."""
-        await self.notifier.send("RELOADING=1")
+    async def reload(self, dry_run: bool = False) -> ReloadPlan | None:
+        """SIGHUP: stop removed containers, start added ones, restart changed ones.
+
+        A changed container that the user stopped takes its new spec and stays stopped.
+
+        Args:
+            dry_run: only read the files and return the plan (the control socket's
+                ``dry_run``).
+
+        Returns:
+            The plan, or None when the config directory could not be read (logged, and in
+            `load_errors`; nothing changed).
+        """
+        async with self._reload_lock:
+            return await self._reload(dry_run)
+
+    async def _reload(self, dry_run: bool) -> ReloadPlan | None:
+        if not dry_run:
+            await self.notifier.send("RELOADING=1")
         try:
             new = await _thread(self.ctx.limiter, self.load)
         except CorralError as e:
             log.error("reload failed, nothing changed: %s", e)
-            await self.notifier.send("READY=1")
-            return
+            self.load_errors = [str(e)]
+            if not dry_run:
+                await self.notifier.send("READY=1")
+            return None
         current = {name: sup.spec for name, sup in self.supervisors.items()}
         plan = plan_reload(current, new)
+        if dry_run:
+            return plan
         log.info("reload: %s", plan.describe())
-        async with trio.open_nursery() as nursery:
-            for name in (*plan.removed, *plan.changed):
-                nursery.start_soon(self.supervisors[name].stop_and_wait)
-        for name in plan.removed:
-            del self.supervisors[name]
-        for name in (*plan.added, *plan.changed):
-            await self.start(new[name])
+        async with contextlib.AsyncExitStack() as locks:
+            for name in sorted({*plan.added, *plan.removed, *plan.changed}):
+                await locks.enter_async_context(self.lock(name))
+            async with trio.open_nursery() as nursery:
+                for name in (*plan.removed, *plan.changed):
+                    nursery.start_soon(self.supervisors[name].stop_and_wait)
+            for name in plan.removed:
+                del self.supervisors[name]
+                self.user_stopped.discard(name)
+            for name in (*plan.added, *plan.changed):
+                if name in self.user_stopped:
+                    self.supervisors[name] = self._parked(new[name])
+                else:
+                    await self.start(new[name])
+        self.ctx.events.add("reload", added=plan.added, removed=plan.removed,
+                            changed=plan.changed, errors=self.load_errors)
         await self.notifier.send("READY=1", f"STATUS={self.status_line()}")
+        return plan
+
+    def lock(self, name: str) -> trio.Lock:
+        """The lock that orders user operations and reloads on one container."""
+        return self._locks.setdefault(name, trio.Lock())
+
+    def _parked(self, spec: ContainerSpec) -> ContainerSupervisor:
+        """A supervisor that is not started: a stopped container's new spec."""
+        sup = ContainerSupervisor(spec, self.ctx)
+        sup.reason = "stopped by the user"
+        sup.first_attempt.set()
+        sup.done.set()
+        return sup
+
+    async def user_start(self, name: str) -> ContainerSupervisor:
+        """Start `name` for the user: a new task when its last one has ended (stopped,
+        exited, fatal), nothing when it is up; returns once the first attempt is made."""
+        async with self.lock(name):
+            sup = self.supervisors[name]
+            self.user_stopped.discard(name)
+            if sup.done.is_set():
+                sup = await self.start(sup.spec)
+        await sup.first_attempt.wait()
+        return sup
+
+    async def user_stop(self, name: str) -> ContainerSupervisor:
+        """Stop `name` for the user and wait until it is down; no reload starts it again."""
+        async with self.lock(name):
+            sup = self.supervisors[name]
+            self.user_stopped.add(name)
+            await sup.stop_and_wait()
+        return sup
+
+    async def user_restart(self, name: str) -> ContainerSupervisor:
+        """Stop `name` (when up), then start it with a new task."""
+        async with self.lock(name):
+            await self.supervisors[name].stop_and_wait()
+            self.user_stopped.discard(name)
+            sup = await self.start(self.supervisors[name].spec)
+        await sup.first_attempt.wait()
+        return sup
 
     async def stop_all(self) -> None:
+        self.closing = True
         async with trio.open_nursery() as nursery:
             for sup in list(self.supervisors.values()):
                 nursery.start_soon(sup.stop_and_wait)
@@ -486,6 +620,7 @@ async def _run_locked(spec: DaemonSpec, task_status: trio.TaskStatus[Daemon]) ->
             try:
                 async with trio.open_nursery() as nursery:
                     daemon = Daemon(spec, ctx, nursery)
+                    await nursery.start(serve_control, daemon)
                     await _clear_leftovers(ctx)
                     specs = await _thread(ctx.limiter, daemon.load)
                     for s in specs.values():
