@@ -448,11 +448,11 @@ def _head(conn: h11.Connection, resp: Response, length: int | None) -> bytes | N
 
 async def _respond(stream: trio.abc.Stream, conn: h11.Connection, resp: Response,
                    limits: Limits) -> None:
-    if resp.stream is None:
-        await _send(stream, _head(conn, resp, len(resp.body)), limits)
+    if resp.stream is None:  # one write: one syscall, one timeout scope
+        data = _head(conn, resp, len(resp.body)) or b""
         if resp.body:
-            await _send(stream, conn.send(h11.Data(data=resp.body)), limits)
-        await _send(stream, conn.send(h11.EndOfMessage()), limits)
+            data += conn.send(h11.Data(data=resp.body)) or b""
+        await _send(stream, data + (conn.send(h11.EndOfMessage()) or b""), limits)
         return
     await _send(stream, _head(conn, resp, None), limits)
     gone = False
