@@ -28,6 +28,7 @@ from ._control import (
     Conflict,
     HTTPError,
     Limits,
+    NoSuchContainer,
     Peer,
     Router,
     Unavailable,
@@ -207,8 +208,6 @@ class DaemonBackend:
         return self.daemon.supervisors.keys()
 
     def _sup(self, name: str) -> ContainerSupervisor:
-        from ._control import NoSuchContainer
-
         sup = self.daemon.supervisors.get(name)
         if sup is None:
             raise NoSuchContainer(name)
@@ -259,12 +258,13 @@ class DaemonBackend:
         log.info("control: %s%s %s by %s", action, detail, name, peer.describe())
         daemon.ctx.events.add("action", name, action=action, signal=signum, uid=peer.uid,
                               pid=peer.pid)
-        if action == "start":
-            sup = await daemon.user_start(name)
-        elif action == "stop":
-            sup = await daemon.user_stop(name)
-        elif action == "restart":
-            sup = await daemon.user_restart(name)
+        ops = {"start": daemon.user_start, "stop": daemon.user_stop,
+               "restart": daemon.user_restart}
+        if action in ops:
+            try:
+                sup = await ops[action](name)
+            except KeyError:  # a reload removed it while we waited for its lock
+                raise NoSuchContainer(name) from None
         elif action in ("kill", "pause", "resume"):
             await self._runtime_op(sup, action, signum)
         else:  # the router only sends the actions above
