@@ -280,6 +280,26 @@ def test_pause_resume_and_kill_with_a_signal(ctl: Ctl) -> None:
     assert ctl.terminate() == 0
 
 
+@pytest.mark.root
+def test_an_oom_kill_shows_in_status_events_and_metrics(ctl: Ctl) -> None:
+    name = ctl.add("sleep 0.2; tail /dev/zero", memory="16M")
+    ctl.start()
+    e = ctl.wait_state(name, "exited")
+    assert e["last_exit"]["kind"] == "oom"
+    assert "container memory limit (16M)" in e["last_exit"]["description"]
+    res = ctl.run("status", name, "--json", ok=False)
+    assert res.returncode == 3  # not running
+    assert json.loads(res.stdout)["oom_kills"] >= 1
+    events = [json.loads(x) for x in ctl.run("events", "--json").stdout.splitlines()]
+    [ex] = [ev for ev in events if ev["type"] == "exit" and ev.get("container") == name]
+    assert ex["cause"]["kind"] == "oom"
+    res = ctl.cf.run_cmd(_curl("--unix-socket", ctl.sock, "http://corrald/metrics"))
+    m = re.search(rf'corral_container_oom_kills_total{{container="{name}"}} (\d+)', res.stdout)
+    assert m
+    assert int(m.group(1)) >= 1
+    assert ctl.terminate() == 0
+
+
 # --- logs and events ----------------------------------------------------------------------
 
 

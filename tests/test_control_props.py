@@ -546,3 +546,30 @@ def test_request_and_response_values() -> None:
     req = Request("GET", "/", (), b"", ROOT_PEER)
     assert req.peer.describe() == "uid 0 gid 0 pid 0"
     assert Response.json({"a": 1}).body == b'{"a":1}\n'
+
+
+def test_metrics_are_prometheus_text() -> None:
+    from types import SimpleNamespace
+
+    from corral.supervisor._ops import render_metrics
+
+    sups = {"web": SimpleNamespace(state="running", starts=3, oom_kills=2),
+            'odd"name': SimpleNamespace(state="fatal", starts=0, oom_kills=0)}
+    stats = {"web": {"memory": {"usage": 4096, "limit": 2**63}, "cpu": {"usage_ns": 1_500_000},
+                     "pids": {"current": 3}}}
+    text = render_metrics(sups, stats, 42)  # type: ignore[arg-type]
+    sample = re.compile(r'[a-z_]+(\{([a-z_]+="([^"\\\n]|\\.)*",?)+\})? -?[0-9.e+-]+')
+    families = set()
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            families.add(line.split()[2])
+        elif not line.startswith("# HELP "):
+            assert sample.fullmatch(line), line
+            assert line.split("{")[0].split(" ")[0] in families
+    assert 'corral_container_state{container="web",state="running"} 1' in text
+    assert 'corral_container_state{container="odd\\"name",state="fatal"} 1' in text
+    assert 'corral_container_restarts_total{container="web"} 2' in text
+    assert 'corral_container_oom_kills_total{container="web"} 2' in text
+    assert 'corral_container_memory_limit_bytes{container="web"} 0' in text  # unlimited
+    assert 'corral_container_cpu_seconds_total{container="web"} 0.0015' in text
+    assert text.endswith("corral_events_last_seq 42\n")
