@@ -61,7 +61,7 @@ log = logging.getLogger("corrald")
 
 API_VERSION = "v1"
 RECEIVE_SIZE = 64 << 10
-SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux 4.13; Python names it in 3.13?
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13; not in every Python
 ACTIONS = ("start", "stop", "restart", "kill", "pause", "resume")
 MAX_TAIL = 100_000
 _NUMBER = re.compile(r"[0-9]{1,18}")
@@ -101,11 +101,15 @@ def peer_credentials(sock: socket.socket | trio.socket.SocketType) -> Peer:
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, gid = struct.unpack("3i", raw)
     groups: tuple[int, ...] = ()
-    try:
-        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * 1024)
+    for size in (256, 65536):  # gids; NGROUPS_MAX is 65536: ERANGE asks for the larger
+        try:
+            raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * size)
+        except OSError as e:
+            if e.errno == errno.ERANGE:
+                continue
+            break  # an older kernel: the primary gid still counts
         groups = struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4])
-    except OSError:  # an older kernel; the primary gid still counts
-        pass
+        break
     return Peer(pid, uid & 0xFFFFFFFF, gid & 0xFFFFFFFF, tuple(groups))
 
 
@@ -455,26 +459,37 @@ async def _respond(stream: trio.abc.Stream, conn: h11.Connection, resp: Response
         await _send(stream, data + (conn.send(h11.EndOfMessage()) or b""), limits)
         return
     await _send(stream, _head(conn, resp, None), limits)
-    gone = False
+    ended: list[str] = []  # why the stream ended early, if it did
+    make = resp.stream
 
     async def watch_client(scope: trio.CancelScope) -> None:
         # The request has been read: the client only sends again to go away (EOF).
-        nonlocal gone
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             while await stream.receive_some(RECEIVE_SIZE):
                 pass
-        gone = True
+        ended.append("the client closed a stream")
+        scope.cancel()
+
+    async def pump(scope: trio.CancelScope) -> None:
+        # Errors are caught here, in the task: out of a nursery they would come wrapped in
+        # an exception group, past the handlers of serve_connection.
+        try:
+            async with contextlib.aclosing(make()) as chunks:  # type: ignore[type-var]
+                async for chunk in chunks:
+                    await _send(stream, conn.send(h11.Data(data=chunk)), limits)
+            await _send(stream, conn.send(h11.EndOfMessage()), limits)
+        except _Closed as e:
+            ended.append(str(e))
+        except Exception:
+            log.exception("control: a streamed response failed")
+            ended.append("the stream failed")
         scope.cancel()
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(watch_client, nursery.cancel_scope)
-        async with contextlib.aclosing(resp.stream()) as chunks:  # type: ignore[type-var]
-            async for chunk in chunks:
-                await _send(stream, conn.send(h11.Data(data=chunk)), limits)
-        await _send(stream, conn.send(h11.EndOfMessage()), limits)
-        nursery.cancel_scope.cancel()
-    if gone:
-        raise _Closed("the client closed a stream")
+        nursery.start_soon(pump, nursery.cancel_scope)
+    if ended:
+        raise _Closed(ended[0])
 
 
 async def _receive_request(stream: trio.abc.Stream, conn: h11.Connection, limits: Limits,
@@ -525,16 +540,17 @@ def h11_content_length(event: h11.Request) -> int | None:
 
 
 def _request(head: h11.Request, body: bytes, peer: Peer) -> Request:
-    target = head.target.decode("ascii", "replace")
-    split = urllib.parse.urlsplit(target)
+    # Origin form, PATH?QUERY, split by hand: urlsplit would read "//x/y" as a host and
+    # raise on "//[x".
+    raw_path, _, raw_query = head.target.decode("ascii", "replace").partition("?")
     try:
-        query = urllib.parse.parse_qsl(split.query, keep_blank_values=True,
+        query = urllib.parse.parse_qsl(raw_query, keep_blank_values=True,
                                        strict_parsing=False, max_num_fields=32,
                                        errors="strict")
     except ValueError as e:
         raise HTTPError(400, f"bad query string: {e}", "bad_parameter") from None
     try:
-        path = urllib.parse.unquote(split.path, errors="strict")
+        path = urllib.parse.unquote(raw_path, errors="strict")
     except UnicodeDecodeError:
         raise HTTPError(400, "the path is not UTF-8", "no_such_path") from None
     return Request(head.method.decode("ascii", "replace"), path, tuple(query), body, peer,
@@ -643,6 +659,8 @@ async def serve_listener(listener: trio.SocketListener,
                 log.warning("control: refused %s (%s): not root and not in the socket's group",
                             peer.describe(), _comm(peer.pid))
             await serve_connection(stream, handler if ok else _forbidden, limits, peer)
+        except Exception:  # a bug of ours: one client loses its connection, nobody else
+            log.exception("control: the connection of %s failed", peer.describe())
         finally:
             state.active -= 1
 

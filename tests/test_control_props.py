@@ -168,7 +168,8 @@ REQUEST_LIKE = st.one_of(
     st.builds(lambda m, p, rest: m + b" " + p + rest,
               st.sampled_from([b"GET", b"POST", b"PUT", b"get", b"", b"G\x00T"]),
               st.sampled_from([b"/v1/containers", b"/v1/containers/web/stop", b"/metrics",
-                               b"/v1/events?since=1", b"*", b"/", b"/v1/../etc"]),
+                               b"/v1/events?since=1", b"*", b"/", b"/v1/../etc", b"//[x",
+                               b"http://x/v1/ping", b"/v1/ping?a=%zz&", b"/%ff"]),
               st.binary(max_size=600)),
     st.builds(lambda a, b: a + b,
               st.sampled_from([b"GET /v1/containers HTTP/1.1\r\nHost: x\r\n\r\n",
@@ -294,6 +295,9 @@ def test_routes_answer_what_the_docs_say() -> None:
         assert json.loads(text.splitlines()[0])["reset"] is True
         assert (await ask("DELETE", "/v1/containers/web"))[0] == 405
         assert (await ask("GET", "/v2/containers"))[0] == 404
+        assert (await ask("GET", "//[x"))[0] == 404
+        assert (await ask("GET", "//v1/ping"))[0] == 404
+        assert (await ask("GET", "/v1/ping?x=%ff"))[0] == 400
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
 
@@ -573,3 +577,29 @@ def test_metrics_are_prometheus_text() -> None:
     assert 'corral_container_memory_limit_bytes{container="web"} 0' in text  # unlimited
     assert 'corral_container_cpu_seconds_total{container="web"} 0.0015' in text
     assert text.endswith("corral_events_last_seq 42\n")
+
+
+@pytest.mark.parametrize("failure", ["stops reading", "stream raises"])
+def test_a_failing_stream_ends_its_connection_only(failure: str) -> None:
+    class Failing(FakeBackend):
+        async def log_follow(self, name: str, lines: int) -> AsyncIterator[bytes]:
+            yield b"x" * 1000
+            if failure == "stream raises":
+                raise OSError("the log directory went away")
+            while True:
+                yield b"y" * 65536
+
+    async def main() -> bytes:
+        # lockstep: a send blocks until the client receives, as on a full socket buffer
+        client, server = trio.testing.lockstep_stream_pair()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve_connection, server, Router(Failing()), LIMITS, ROOT_PEER)
+            await client.send_all(_h11_request("GET", "/v1/containers/web/logs?follow=1", b""))
+            got = await client.receive_some(65536)  # the head and a little, then no more
+            if failure == "stream raises":
+                while chunk := await client.receive_some(65536):
+                    got += chunk
+        return bytes(got)  # serve_connection returned (or the nursery would raise)
+
+    got = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert got.startswith(b"HTTP/1.1 200 ")
