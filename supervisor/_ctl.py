@@ -258,7 +258,12 @@ def cmd_action(client: Client, args: argparse.Namespace) -> int:
 def _copy(resp: http.client.HTTPResponse, out: Any, line: Any = None) -> None:
     pending = b""
     while True:
-        chunk = resp.read1(65536)
+        try:
+            chunk = resp.read1(65536)
+        except http.client.IncompleteRead:  # the connection closed mid-stream
+            raise DaemonError("corrald closed the stream (it is stopping?)") from None
+        except (OSError, http.client.HTTPException) as e:
+            raise DaemonError(f"the stream from corrald ended: {e}") from None
         if not chunk:
             break
         if line is None:
