@@ -16,7 +16,8 @@ repository), CURL (default: curl on PATH).
    per second = all requests answered with 200 / the wall time.
 3. Status latency: ``GET /v1/containers/NAME`` (inspect, which reads the cgroup's memory,
    cpu and pids files in a thread) --status times one after another on one connection;
-   p50, p90, p99, max.
+   p50, p90, p99, max. The same for ``GET /metrics`` (every running container's cgroup),
+   --status / 10 times.
 4. Whole commands, as a person pays them: ``corralctl list``, ``corralctl status NAME`` and
    ``curl --unix-socket ... /v1/containers`` run --procs times each; mean and p90 wall time
    per call (process start-up included).
@@ -112,14 +113,14 @@ def list_throughput(sock: str, clients: int, seconds: float, keep_alive: bool
             "body_bytes": results[0][1]}
 
 
-def status_latency(sock: str, name: str, count: int) -> dict[str, float]:
+def latency(sock: str, path: str, count: int) -> dict[str, float]:
     conn = UnixConnection(sock)
     times: list[float] = []
     try:
-        get(conn, f"/v1/containers/{name}")  # warm up
+        get(conn, path)  # warm up
         for _ in range(count):
             t = time.perf_counter()
-            get(conn, f"/v1/containers/{name}")
+            get(conn, path)
             times.append((time.perf_counter() - t) * 1e3)
     finally:
         conn.close()
@@ -212,9 +213,11 @@ def main() -> int:
                 lists.append(r)
         results["list"] = lists
         say("status latency")
-        results["status"] = status_latency(sock, "c050" if args.n > 50 else "c000",
-                                           args.status)
+        results["status"] = latency(sock, f"/v1/containers/c{args.n // 2:03d}", args.status)
         say(f"  {results['status']}")
+        say("metrics latency")
+        results["metrics"] = latency(sock, "/metrics", max(args.status // 10, 10))
+        say(f"  {results['metrics']}")
         say("whole commands")
         cmds: dict[str, object] = {
             "corralctl list": command_time([corralctl, "--socket", sock, "list"], args.procs),
