@@ -196,7 +196,8 @@ class ContainerSupervisor:
     async def pause(self) -> None:
         """Freeze the running container (the runtime's pause, in a thread)."""
         await _thread(self.ctx.limiter, _container.pause, self.ctx.root, self.name)
-        self._set("paused", "paused by the user")
+        if self.state == "running":  # not if it exited meanwhile
+            self._set("paused", "paused by the user")
 
     async def resume(self) -> None:
         """Thaw the paused container."""
