@@ -691,18 +691,25 @@ def bind_socket(path: str, group: int | None, mode: int = 0o660) -> socket.socke
     """A listening unix socket at `path`, mode `mode`, group `group` (root's when None).
 
     It is bound under a temporary name, given its mode and owner, then renamed into place,
-    so that there is never a moment when the path accepts a client it should not. A socket
-    left at `path` (a crash) is replaced: the caller holds the lock beside it.
+    so that there is never a moment when the path accepts a client it should not, whatever
+    the umask. (When the temporary name would pass the 107-byte limit of a socket address,
+    it is bound in place: until the chmod just after, the umask's mode applies, which under
+    the usual 022 lets only root connect.) A socket left at `path` (a crash) is replaced:
+    the caller holds the lock beside it.
     """
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp)
+    tmp = os.path.join(os.path.dirname(path), f".corrald-{os.getpid()}.tmp")
+    if len(os.fsencode(tmp)) > 107:
+        tmp = path
+    for stale in {tmp, path}:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(stale)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         sock.bind(tmp)
         os.chmod(tmp, mode)
         os.chown(tmp, 0 if os.geteuid() == 0 else -1, -1 if group is None else group)
-        os.rename(tmp, path)
+        if tmp != path:
+            os.rename(tmp, path)
         sock.listen(128)
     except BaseException:
         sock.close()

@@ -603,3 +603,22 @@ def test_a_failing_stream_ends_its_connection_only(failure: str) -> None:
 
     got = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
     assert got.startswith(b"HTTP/1.1 200 ")
+
+
+@pytest.mark.parametrize("long_dir", [False, True])
+def test_bind_socket_replaces_a_stale_one_with_mode_0660(long_dir: bool) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        base = d
+        if long_dir:  # a socket path near the 107-byte limit: no room for a temporary name
+            base = os.path.join(d, "x" * (100 - len(d) - 4))
+            os.mkdir(base)
+        path = os.path.join(base, "s.sk")
+        Path(path).write_text("stale")
+        sock = bind_socket(path, os.getgid())
+        with sock:
+            st = os.stat(path)
+            assert oct(st.st_mode & 0o777) == "0o660"
+            assert st.st_gid == os.getgid()
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
+                c.connect(path)
+        assert sorted(os.listdir(base)) == ["s.sk"]
