@@ -3,7 +3,7 @@
 The daemon runs as in test_daemon.py (its `Corrald` helper, loaded from that file: with
 --import-mode=importlib a test module cannot import another), with its control socket at
 ``tmp/ctl/corrald.sock``. corralctl runs as the console script next to the interpreter, and
-as ``nobody`` from its source file with Debian's /usr/bin/python3 (it needs only the
+as ``nobody`` from a copy of its source file with Debian's /usr/bin/python3 (it needs only the
 standard library; the venv's interpreter lives under /root, which nobody cannot enter), with
 curl for the raw HTTP checks. Every wait is bounded; no assertion is about time.
 """
@@ -102,11 +102,17 @@ class Ctl(_td.Corrald):  # type: ignore[misc,name-defined]
             return subprocess.CompletedProcess(argv, rc, out.read().decode(),
                                                err.read().decode())
 
-    def open_to(self, uid: int) -> None:
-        """Let `uid` reach the socket's directory (pytest's tmp dirs are 0700)."""
+    def open_to(self, uid: int) -> str:
+        """Let `uid` reach the socket's directory (pytest's tmp dirs are 0700); returns a
+        copy of corralctl's source it can read (the checkout may be where it cannot)."""
+        assert uid  # root needs no such help
         for d in (self.tmp, self.ctl):
             d.chmod(d.stat().st_mode | 0o111)
-        assert uid  # root needs no such help
+        assert os.access(SYSTEM_PYTHON, os.X_OK), f"{SYSTEM_PYTHON} is needed (scripts/setup)"
+        copy = self.tmp / "corralctl.py"
+        shutil.copyfile(CTL_SOURCE, copy)
+        copy.chmod(0o644)
+        return str(copy)
 
 
 class _Patched:
@@ -386,9 +392,9 @@ def test_events_resume_from_a_sequence_number_and_follow(ctl: Ctl) -> None:
 def test_a_non_root_peer_is_refused_by_credentials_and_logged(ctl: Ctl) -> None:
     ctl.add(LOOP)
     ctl.start()
-    ctl.open_to(NOBODY)
+    source = ctl.open_to(NOBODY)
     # The file mode alone keeps nobody out ...
-    res = ctl.as_user([SYSTEM_PYTHON, "-I", CTL_SOURCE, "--socket", ctl.sock, "list"],
+    res = ctl.as_user([SYSTEM_PYTHON, "-I", source, "--socket", ctl.sock, "list"],
                       NOBODY, NOBODY)
     assert res.returncode == 1
     assert f"permission denied on {ctl.sock}" in res.stderr
@@ -399,7 +405,7 @@ def test_a_non_root_peer_is_refused_by_credentials_and_logged(ctl: Ctl) -> None:
     body, code = res.stdout.rsplit("\n", 1)
     assert code == "403"
     assert json.loads(body)["kind"] == "forbidden"
-    res = ctl.as_user([SYSTEM_PYTHON, "-I", CTL_SOURCE, "--socket", ctl.sock, "stop",
+    res = ctl.as_user([SYSTEM_PYTHON, "-I", source, "--socket", ctl.sock, "stop",
                        ctl.names[0]], NOBODY, NOBODY)
     assert res.returncode == 1
     assert "uid 65534 is neither root nor in corrald's socket group" in res.stderr
@@ -415,8 +421,8 @@ def test_a_member_of_the_socket_group_is_allowed(ctl: Ctl) -> None:
     ctl.start_with(socket_group="nogroup")
     st = os.stat(ctl.sock)
     assert (oct(st.st_mode & 0o777), st.st_gid) == ("0o660", NOBODY)
-    ctl.open_to(NOBODY)
-    res = ctl.as_user([SYSTEM_PYTHON, "-I", CTL_SOURCE, "--socket", ctl.sock, "--json",
+    source = ctl.open_to(NOBODY)
+    res = ctl.as_user([SYSTEM_PYTHON, "-I", source, "--socket", ctl.sock, "--json",
                        "list"], NOBODY, NOBODY)
     assert res.returncode == 0, res.stderr
     assert [e["name"] for e in json.loads(res.stdout)] == ctl.names
