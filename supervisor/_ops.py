@@ -73,23 +73,13 @@ def _spec_json(sup: ContainerSupervisor) -> dict[str, Any]:
 
 def _stats_of(root: Any, name: str) -> dict[str, Any]:
     """Memory, CPU and pids of a running container's cgroup (blocking: call in a thread)."""
-    from corral.runtime._stats import stats
+    from corral.runtime._stats import usage
 
     try:
         st = root.load(name)
     except (CorralError, OSError):
         return {}
-    s = stats(st.cgroup)
-    mem = s["memory"]["usage"]
-    cpu = s["cpu"]["usage"]
-    pids = s["pids"]
-    return {
-        "memory": {"usage": mem.get("usage", 0), "max": mem.get("max", 0),
-                   "limit": mem.get("limit", 0), "failcnt": mem.get("failcnt", 0)},
-        "cpu": {"usage_ns": cpu.get("total", 0), "user_ns": cpu.get("user", 0),
-                "kernel_ns": cpu.get("kernel", 0)},
-        "pids": {"current": pids.get("current", 0), "limit": pids.get("limit", 0)},
-    }
+    return usage(st.cgroup)
 
 
 def tail_lines(path: str, n: int) -> bytes:

@@ -622,3 +622,53 @@ def test_bind_socket_replaces_a_stale_one_with_mode_0660(long_dir: bool) -> None
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
                 c.connect(path)
         assert sorted(os.listdir(base)) == ["s.sk"]
+
+
+# --- the cgroup numbers the socket serves ---------------------------------------------------
+
+
+VALUE = st.one_of(st.integers(0, 2**40), st.just("max"))
+
+
+@settings(deadline=None, max_examples=60)
+@given(v2=st.booleans(), mem=st.lists(VALUE, min_size=4, max_size=4),
+       cpu=st.lists(st.integers(0, 2**40), min_size=3, max_size=3),
+       pids=st.lists(VALUE, min_size=2, max_size=2))
+def test_usage_agrees_with_the_runtimes_full_stats(v2: bool, mem: list[Any], cpu: list[int],
+                                                   pids: list[Any]) -> None:
+    """`usage` (5-8 files) gives the same numbers as `stats` (runc's ~40) on one cgroup."""
+    from corral.runtime._stats import stats, usage
+
+    with tempfile.TemporaryDirectory() as d:
+        usage_, peak, limit, fails = mem
+        if v2:
+            files = {"memory.current": usage_, "memory.peak": peak, "memory.max": limit,
+                     "memory.events": f"low 0\nhigh 0\nmax {0 if fails == 'max' else fails}\n"
+                                      "oom 0\noom_kill 0\n",
+                     "cpu.stat": f"usage_usec {cpu[0]}\nuser_usec {cpu[1]}\n"
+                                 f"system_usec {cpu[2]}\n",
+                     "pids.current": pids[0], "pids.max": pids[1]}
+            for name, value in files.items():
+                Path(d, name).write_text(f"{value}\n")
+            cg: dict[str, Any] = {"version": 2, "path": d}
+        else:
+            for sub, files in {
+                "memory": {"memory.usage_in_bytes": usage_, "memory.max_usage_in_bytes": peak,
+                           "memory.limit_in_bytes": limit, "memory.failcnt": fails},
+                "cpuacct": {"cpuacct.usage": cpu[0],
+                            "cpuacct.stat": f"user {cpu[1]}\nsystem {cpu[2]}"},
+                "pids": {"pids.current": pids[0], "pids.max": pids[1]},
+            }.items():
+                os.mkdir(os.path.join(d, sub))
+                for name, value in files.items():
+                    Path(d, sub, name).write_text(f"{value}\n")
+            cg = {"version": 1, "paths": {"memory": f"{d}/memory", "cpu,cpuacct":
+                                          f"{d}/cpuacct", "pids": f"{d}/pids"}}
+        full, quick = stats(cg), usage(cg)
+    m = full["memory"]["usage"]
+    assert quick["memory"] == {k: m.get(k, 0) for k in ("usage", "max", "limit", "failcnt")}
+    c = full["cpu"]["usage"]
+    assert quick["cpu"] == {"usage_ns": c.get("total", 0), "user_ns": c["user"],
+                            "kernel_ns": c["kernel"]}
+    assert quick["pids"] == {"current": full["pids"].get("current", 0),
+                             "limit": full["pids"].get("limit", 0)}
