@@ -107,22 +107,26 @@ def tail_lines(path: str, n: int) -> bytes:
 
 
 def _tail_fd(fd: int, n: int, end: int) -> tuple[bytes, int]:
-    """The last `n` lines of the first `end` bytes of `fd`, and how many lines that is."""
+    """The last `n` lines of the first `end` bytes of `fd`, and how many lines that is.
+
+    Reads back from `end` a block at a time until `n` line ends are in hand; lines end at
+    ``\n`` only (a ``\r`` of a progress bar is part of its line).
+    """
     if n <= 0 or end <= 0:
         return b"", 0
-    data = b""
+    blocks: list[bytes] = []
+    breaks = 0  # newlines read, but for the file's last byte
     pos = end
-    while pos > 0:
+    while pos > 0 and breaks < n:
         step = min(READ_BLOCK, pos)
         pos -= step
-        data = os.pread(fd, step, pos) + data
-        # n lines need n newlines past the first one's start (the last ends with one).
-        if data.count(b"\n", 0, len(data) - 1) >= n:
-            break
-    lines = data.splitlines(keepends=True)
-    if pos > 0 or len(lines) > n:
-        lines = lines[-n:]
-    return b"".join(lines), len(lines)
+        block = os.pread(fd, step, pos)
+        breaks += block.count(b"\n", 0, len(block) - 1 if not blocks else len(block))
+        blocks.append(block)
+    data = b"".join(reversed(blocks))
+    final = data.endswith(b"\n")
+    lines = (data[:-1] if final else data).split(b"\n")[-n:]  # the first may be partial
+    return b"\n".join(lines) + (b"\n" if final else b""), len(lines)
 
 
 @attrs.define(eq=False)

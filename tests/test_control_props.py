@@ -15,6 +15,7 @@ timeouts at once and no test waits on the wall clock. What must hold for any inp
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -492,14 +493,20 @@ def test_event_ring_since(capacity: int, count: int, since: int) -> None:
 # --- logs ---------------------------------------------------------------------------------
 
 
-LINES = st.lists(st.binary(max_size=30).map(lambda b: b.replace(b"\n", b"_")), max_size=40)
+LINES = st.lists(st.one_of(st.binary(max_size=30), st.sampled_from([b"a\rb", b"\r", b""])
+                           ).map(lambda b: b.replace(b"\n", b"_")), max_size=40)
 
 
 @settings(deadline=None)
-@given(files=st.lists(LINES, min_size=1, max_size=4), n=st.integers(0, 200))
-def test_tail_reads_the_last_lines_across_rotated_files(files: list[list[bytes]], n: int
-                                                        ) -> None:
-    with tempfile.TemporaryDirectory() as d:
+@given(files=st.lists(LINES, min_size=1, max_size=4), n=st.integers(0, 200),
+       block=st.sampled_from([1, 2, 7, 65536]))
+def test_tail_reads_the_last_lines_across_rotated_files(files: list[list[bytes]], n: int,
+                                                        block: int) -> None:
+    import corral.supervisor._ops as ops
+
+    saved, ops.READ_BLOCK = ops.READ_BLOCK, block  # small blocks: lines across block edges
+    with contextlib.ExitStack() as undo, tempfile.TemporaryDirectory() as d:
+        undo.callback(setattr, ops, "READ_BLOCK", saved)
         path = os.path.join(d, "c.log")
         every: list[bytes] = []
         for i, lines in reversed(list(enumerate(files))):  # oldest (.3) first
