@@ -176,7 +176,14 @@ class LogFollower:
         except FileNotFoundError:
             return b""  # rotated away with keep = 0; the new file comes with the next line
         if (st.st_dev, st.st_ino) != self._ino:
+            # Rotated. Lines may have reached the old file between our read and the stat:
+            # it is complete now (the writer closes it before the rename), so drain it.
+            rest = b""
+            while chunk := os.pread(self._fd, FOLLOW_CHUNK, self._pos + len(rest)):
+                rest += chunk
             self.close()
+            if rest:  # the new file is opened at the next poll
+                return rest
             return self.poll() if self._open() else b""
         if st.st_size < self._pos:  # truncated in place
             self._pos = 0
