@@ -212,6 +212,11 @@ class ContainerSupervisor:
         if self._backoff_scope is not None:
             self._backoff_scope.cancel()
 
+    def wake(self) -> None:
+        """In backoff: restart now instead of after the delay (a user's start)."""
+        if self._backoff_scope is not None and not self._stop_requested.is_set():
+            self._backoff_scope.cancel()
+
     async def stop_and_wait(self) -> None:
         self.stop()
         await self.done.wait()
@@ -507,12 +512,15 @@ class Daemon:
 
     async def user_start(self, name: str) -> ContainerSupervisor:
         """Start `name` for the user: a new task when its last one has ended (stopped,
-        exited, fatal), nothing when it is up; returns once the first attempt is made."""
+        exited, fatal), at once when it waits in backoff, nothing when it is up; returns once
+        the first attempt is made."""
         async with self.lock(name):
             sup = self.supervisors[name]
             self.user_stopped.discard(name)
             if sup.done.is_set():
                 sup = await self.start(sup.spec)
+            elif sup.state == "backoff":
+                sup.wake()
         await sup.first_attempt.wait()
         return sup
 

@@ -248,6 +248,22 @@ def test_stop_start_restart_and_a_reload_keeps_a_stopped_container_down(ctl: Ctl
 
 
 @pytest.mark.root
+def test_start_during_backoff_restarts_at_once(ctl: Ctl) -> None:
+    name = ctl.add("sleep 0.2; exit 1",
+                   '[restart]\npolicy = "on-failure"\nbackoff_initial = "1h"\n'
+                   'backoff_max = "1h"')
+    ctl.start()
+    ctl.wait_state(name, "backoff")
+    res = json.loads(ctl.run("start", name, "--json").stdout)[0]
+    assert res["state"] in ("backoff", "starting", "running")  # woken, not yet restarted
+    ctl.wait_for(rf"{name}: state backoff -> starting")  # not an hour later
+    assert ctl.text.count(f"{name}: state backoff -> starting") == 1
+    ctl.run("stop", name)
+    assert ctl.entry(name)["state"] == "stopped"
+    assert ctl.terminate() == 0
+
+
+@pytest.mark.root
 def test_pause_resume_and_kill_with_a_signal(ctl: Ctl) -> None:
     name = ctl.add("trap 'echo got USR1' USR1; " + LOOP,
                    '[restart]\npolicy = "always"\nbackoff_initial = "10ms"')
