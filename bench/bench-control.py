@@ -42,6 +42,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -143,6 +144,29 @@ def command_time(argv: list[str], count: int) -> dict[str, float]:
             "p90_ms": round(percentile(times, 90), 2)}
 
 
+class LoadSampler:
+    """The 1-minute load average, sampled every second while the measurements run."""
+
+    def __init__(self) -> None:
+        self.samples: list[float] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.wait(1.0):
+            self.samples.append(os.getloadavg()[0])
+
+    def __enter__(self) -> LoadSampler:
+        self.samples.append(os.getloadavg()[0])
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.samples.append(os.getloadavg()[0])
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     ap.add_argument("--n", type=int, default=100)
@@ -202,7 +226,7 @@ def main() -> int:
             if time.monotonic() > deadline:
                 raise RuntimeError("the containers did not all start")
             time.sleep(0.2)
-        load0 = os.getloadavg()
+        sampler = LoadSampler().__enter__()
         say("list throughput")
         lists = []
         for c in [int(x) for x in args.clients.split(",")]:
@@ -230,11 +254,15 @@ def main() -> int:
         for k, v in cmds.items():
             say(f"  {k}: {v}")
         results["commands"] = cmds
+        sampler.__exit__()
+        load = sampler.samples
         results["conditions"] = {
             "containers": args.n, "cpus": os.cpu_count(), "kernel": platform.release(),
-            "python": platform.python_version(), "loadavg_before": load0,
-            "loadavg_after": os.getloadavg(),
+            "python": platform.python_version(),
+            "loadavg_1min": {"min": min(load), "max": max(load),
+                             "mean": round(statistics.fmean(load), 2)},
         }
+        say(f"load average (1 min) during the run: {results['conditions']['loadavg_1min']}")
         print(json.dumps(results, indent=2))
         if args.json:
             with open(args.json, "w") as f:
