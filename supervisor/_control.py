@@ -101,15 +101,14 @@ def peer_credentials(sock: socket.socket | trio.socket.SocketType) -> Peer:
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, gid = struct.unpack("3i", raw)
     groups: tuple[int, ...] = ()
-    for size in (256, 65536):  # gids; NGROUPS_MAX is 65536: ERANGE asks for the larger
-        try:
-            raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * size)
-        except OSError as e:
-            if e.errno == errno.ERANGE:
-                continue
-            break  # an older kernel: the primary gid still counts
+    try:
+        # Python caps the buffer at 1024 bytes: 256 gids. A peer in more groups (ERANGE) is
+        # judged by its primary gid alone, as on a kernel without SO_PEERGROUPS; /proc would
+        # tell more, but by a pid that may have been reused since.
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 1024)
         groups = struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4])
-        break
+    except OSError:
+        pass
     return Peer(pid, uid & 0xFFFFFFFF, gid & 0xFFFFFFFF, tuple(groups))
 
 

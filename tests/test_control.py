@@ -91,10 +91,11 @@ class Ctl(_td.Corrald):  # type: ignore[misc,name-defined]
             time.sleep(0.05)
         pytest.fail(f"{name} never reached {state}: {self.entry(name)}\n{self.text}")
 
-    def as_user(self, argv: list[str], uid: int, gid: int) -> subprocess.CompletedProcess[str]:
-        """Run `argv` as uid/gid with no supplementary groups; output captured."""
+    def as_user(self, argv: list[str], uid: int, gid: int, groups: tuple[int, ...] = ()
+                ) -> subprocess.CompletedProcess[str]:
+        """Run `argv` as uid/gid with only `groups` as supplementary groups; output captured."""
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-            proc = self.cf.spawn(argv, user=uid, group=gid, extra_groups=[],
+            proc = self.cf.spawn(argv, user=uid, group=gid, extra_groups=list(groups),
                                  stdin=subprocess.DEVNULL, stdout=out, stderr=err, cwd="/")
             rc = self.cf.wait_tracked(proc, 30)
             out.seek(0)
@@ -438,11 +439,18 @@ def test_a_member_of_the_socket_group_is_allowed(ctl: Ctl) -> None:
     st = os.stat(ctl.sock)
     assert (oct(st.st_mode & 0o777), st.st_gid) == ("0o660", NOBODY)
     source = ctl.open_to(NOBODY)
-    res = ctl.as_user([SYSTEM_PYTHON, "-I", source, "--socket", ctl.sock, "--json",
-                       "list"], NOBODY, NOBODY)
+    argv = [SYSTEM_PYTHON, "-I", source, "--socket", ctl.sock, "--json", "list"]
+    res = ctl.as_user(argv, NOBODY, NOBODY)  # the group as primary group
     assert res.returncode == 0, res.stderr
     assert [e["name"] for e in json.loads(res.stdout)] == ctl.names
+    os.chmod(ctl.sock, 0o666)  # past the file's group check: the credentials decide
+    res = ctl.as_user(argv, NOBODY, 4242, (NOBODY,))  # as a supplementary group only
+    assert res.returncode == 0, res.stderr
     assert "refused" not in ctl.text
+    res = ctl.as_user(argv, NOBODY, 4242)  # in neither way
+    assert res.returncode == 1
+    assert "uid 65534 is neither root nor in corrald's socket group" in res.stderr
+    ctl.wait_for(r"control: refused uid 65534 gid 4242 pid \d+")
     assert ctl.terminate() == 0
 
 

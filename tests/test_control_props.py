@@ -453,6 +453,23 @@ def test_access_rule(uid: int, gid: int, groups: list[int], group: int | None) -
     assert allowed == (uid == 0 or (group is not None and group in (gid, *groups)))
 
 
+@pytest.mark.root
+def test_peer_credentials_carry_the_supplementary_groups() -> None:
+    from corral.supervisor._control import peer_credentials
+
+    saved = os.getgroups()
+    os.setgroups([4242, 4343])  # the credentials are taken when the socket is made
+    try:
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    finally:
+        os.setgroups(saved)
+    with a, b:
+        peer = peer_credentials(a)
+    assert set(peer.groups) == {4242, 4343}
+    assert is_allowed(attrs_evolve(peer, uid=1000), 4343)
+    assert not is_allowed(attrs_evolve(peer, uid=1000), 4444)
+
+
 def test_peer_credentials_of_a_socketpair_are_ours() -> None:
     from corral.supervisor._control import peer_credentials
 
