@@ -8,11 +8,14 @@ from ._config import DEFAULT_CONFIG_DIR as DEFAULT_CONFIG_DIR
 from ._config import DEFAULT_DAEMON_CONFIG as DEFAULT_DAEMON_CONFIG
 from ._config import DEFAULT_LOG_DIR as DEFAULT_LOG_DIR
 from ._config import DEFAULT_ROOT as DEFAULT_ROOT
+from ._config import BridgeSettings as BridgeSettings
 from ._config import ConfigError as ConfigError
 from ._config import ContainerSpec as ContainerSpec
 from ._config import DaemonSpec as DaemonSpec
 from ._config import LogSpec as LogSpec
 from ._config import Mount as Mount
+from ._config import NetworkSpec as NetworkSpec
+from ._config import PortSpec as PortSpec
 from ._config import ReloadPlan as ReloadPlan
 from ._config import ResourceSpec as ResourceSpec
 from ._config import RestartPolicy as RestartPolicy

@@ -37,12 +37,20 @@ A container file::
     [logs]
     max_size = "10M"
     keep = 5
+
+    [network]
+    mode = "bridge"                     # "none" (the default), "host" or "bridge"
+    ports = ["127.0.0.1:18080:8080/tcp"]
+    ip = "10.77.0.10"                   # optional; from the daemon's subnet
+
+corrald.toml may hold a ``[network]`` table (``bridge``, ``subnet``): see `BridgeSettings`.
 """
 
 from __future__ import annotations
 
 import copy
 import grp
+import ipaddress
 import math
 import os
 import re
@@ -60,13 +68,16 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
 
 __all__ = [
-    "ConfigError", "ContainerSpec", "DaemonSpec", "LogSpec", "Mount", "ReloadPlan",
+    "BridgeSettings", "ConfigError", "ContainerSpec", "DaemonSpec", "LogSpec", "Mount",
+    "NetworkSpec", "PortSpec", "ReloadPlan",
     "ResourceSpec", "RestartPolicy", "RestartSpec", "StopSpec", "User", "load_container",
     "load_daemon", "load_dir", "plan_reload", "to_oci", "validate_name",
 ]
 
 RestartPolicy = Literal["no", "on-failure", "always", "unless-stopped"]
 RESTART_POLICIES: tuple[RestartPolicy, ...] = ("no", "on-failure", "always", "unless-stopped")
+NetworkMode = Literal["none", "host", "bridge"]
+NETWORK_MODES: tuple[NetworkMode, ...] = ("none", "host", "bridge")
 
 DEFAULT_DAEMON_CONFIG = "/etc/corral/corrald.toml"
 DEFAULT_CONFIG_DIR = "/etc/corral/containers.d"
@@ -181,6 +192,42 @@ class LogSpec:
 
 
 @attrs.frozen
+class PortSpec:
+    """One published port (``network.ports``): ``[HOST_IP:]HOST_PORT:CONTAINER_PORT[/PROTO]``.
+
+    Attributes:
+        host_ip: the host address that takes the traffic (IPv4); None: every address of
+            the host, as Docker's default.
+        host_port, container_port: 1..65535.
+        protocol: ``"tcp"`` (the default) or ``"udp"``.
+    """
+
+    host_ip: str | None
+    host_port: int
+    container_port: int
+    protocol: Literal["tcp", "udp"] = "tcp"
+
+
+@attrs.frozen
+class NetworkSpec:
+    """``[network]`` of a container file.
+
+    Attributes:
+        mode: ``"none"`` (the default: a network namespace of its own with only loopback,
+            what corrald always gave), ``"host"`` (the host's network namespace) or
+            ``"bridge"`` (a veth on the daemon's bridge, an address from its subnet, the
+            other bridge containers by name in /etc/hosts).
+        ports: published ports (bridge mode only).
+        ip: a fixed IPv4 address from the daemon's subnet (bridge mode only); None: the
+            next free one.
+    """
+
+    mode: NetworkMode = "none"
+    ports: tuple[PortSpec, ...] = ()
+    ip: str | None = None
+
+
+@attrs.frozen
 class ContainerSpec:
     """One container file, checked: what corrald runs under the file's name.
 
@@ -197,7 +244,8 @@ class ContainerSpec:
         user: the numeric user and group.
         hostname: the UTS hostname (a rootfs container defaults to its name).
         mounts: bind mounts, in order.
-        resources, restart, stop, logs: the other sections, with their defaults when absent.
+        resources, restart, stop, logs, network: the other sections, with their defaults
+            when absent.
         source: the file it was read from; not part of equality, so that moving the config
             directory does not restart everything.
     """
@@ -215,7 +263,26 @@ class ContainerSpec:
     restart: RestartSpec = RestartSpec()
     stop: StopSpec = StopSpec()
     logs: LogSpec = LogSpec()
+    network: NetworkSpec = NetworkSpec()
     source: str = attrs.field(default="", eq=False)
+
+
+@attrs.frozen
+class BridgeSettings:
+    """corrald.toml's ``[network]``: the one bridge of this daemon.
+
+    Attributes:
+        bridge: the bridge's interface name (at most 15 characters); also names corrald's
+            nftables table (``ip corral_<bridge>``), so two daemons need two bridges.
+        subnet: the IPv4 subnet of the bridge; its first address is the bridge's (the
+            containers' gateway), the others are handed out by corrald's IPAM.
+        subnet6: an IPv6 subnet (e.g. a ULA ``fd77::/64``) for the bridge and the
+            containers as well, or None (the default): IPv4 only.
+    """
+
+    bridge: str = "corral0"
+    subnet: str = "10.77.0.0/16"
+    subnet6: str | None = None
 
 
 @attrs.frozen
@@ -229,6 +296,7 @@ class DaemonSpec:
         socket: the control socket; defaults to ``ROOT/corrald.sock``.
         socket_group: a group name or gid allowed on the socket besides root, or None.
         live_restore: leave containers running when corrald exits, and adopt them again.
+        network: the bridge settings (``[network]``).
     """
 
     config_dir: str = DEFAULT_CONFIG_DIR
@@ -237,6 +305,7 @@ class DaemonSpec:
     socket: str = os.path.join(DEFAULT_ROOT, SOCKET_NAME)
     socket_group: str | int | None = None
     live_restore: bool = False
+    network: BridgeSettings = BridgeSettings()
 
 
 @attrs.frozen
@@ -354,7 +423,8 @@ _RESOURCE_KEYS = dict.fromkeys(("memory", "pids", "cpus"))
 _RESTART_KEYS = dict.fromkeys(attrs.fields_dict(RestartSpec))
 _STOP_KEYS = dict.fromkeys(("signal", "timeout"))
 _LOG_KEYS = dict.fromkeys(("max_size", "keep"))
-_SECTIONS = dict.fromkeys(("container", "resources", "restart", "stop", "logs"))
+_NETWORK_KEYS = dict.fromkeys(("mode", "ports", "ip"))
+_SECTIONS = dict.fromkeys(("container", "resources", "restart", "stop", "logs", "network"))
 
 
 def _command(value: object, file: str, key: str) -> tuple[str, ...]:
@@ -511,6 +581,71 @@ def _logs(file: str, table: object) -> LogSpec:
                    keep=sec.get("keep", _int(0), LogSpec().keep))
 
 
+def _ipv4(value: object, file: str, key: str) -> str:
+    text = _str(value, file, key)
+    try:
+        return str(ipaddress.IPv4Address(text))
+    except ValueError:
+        raise ConfigError(file, key, f"{text!r} is not an IPv4 address") from None
+
+
+def _port_number(text: str, entry: str, file: str, key: str, what: str) -> int:
+    if not text.isascii() or not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise ConfigError(file, key, f"{entry!r}: {text!r} is not a {what} port (1..65535)")
+    return int(text)
+
+
+def _port(value: object, file: str, key: str) -> PortSpec:
+    text = _str(value, file, key)
+    rest, _, proto = text.partition("/")
+    if proto not in ("", "tcp", "udp"):
+        raise ConfigError(file, key, f"{text!r}: protocol {proto!r} must be tcp or udp")
+    parts = rest.split(":")
+    if len(parts) not in (2, 3):
+        raise ConfigError(file, key, f"{text!r} must be \"[HOST_IP:]HOST_PORT:CONTAINER_PORT"
+                          "[/tcp|udp]\", like \"127.0.0.1:8080:80\"")
+    host_ip = _ipv4(parts[0], file, key) if len(parts) == 3 else None
+    return PortSpec(host_ip=host_ip,
+                    host_port=_port_number(parts[-2], text, file, key, "host"),
+                    container_port=_port_number(parts[-1], text, file, key, "container"),
+                    protocol="udp" if proto == "udp" else "tcp")
+
+
+def _ports(value: object, file: str, key: str) -> tuple[PortSpec, ...]:
+    if not isinstance(value, list):
+        raise ConfigError(file, key, f"must be an array of strings like "
+                          f"\"127.0.0.1:8080:80/tcp\", not {show_value(value)}")
+    ports: list[PortSpec] = []
+    for i, item in enumerate(value):
+        port = _port(item, file, f"{key}[{i}]")
+        for j, other in enumerate(ports):
+            if (other.host_port, other.protocol) == (port.host_port, port.protocol) and (
+                    None in (other.host_ip, port.host_ip) or other.host_ip == port.host_ip):
+                raise ConfigError(file, f"{key}[{i}]", f"host port {port.host_port}/"
+                                  f"{port.protocol} is already published by {key}[{j}]")
+        ports.append(port)
+    return tuple(ports)
+
+
+def _mode(value: object, file: str, key: str) -> NetworkMode:
+    text = _str(value, file, key)
+    if text not in NETWORK_MODES:
+        raise ConfigError(file, key, f"{text!r} is not a network mode (one of "
+                          f"{', '.join(repr(m) for m in NETWORK_MODES)})")
+    return text
+
+
+def _network(file: str, table: object) -> NetworkSpec:
+    sec = _Section(file, "network.", table, _NETWORK_KEYS)
+    spec = NetworkSpec(mode=sec.get("mode", _mode, "none"), ports=sec.get("ports", _ports, ()),
+                       ip=sec.get("ip", _ipv4, None))
+    if spec.mode != "bridge":
+        for key in ("ports", "ip"):
+            if sec.has(key):
+                raise sec.error(key, f"only applies to mode \"bridge\", not {spec.mode!r}")
+    return spec
+
+
 def _container(file: str, name: str, doc: dict[str, Any]) -> ContainerSpec:
     for section, value in doc.items():
         if section not in _SECTIONS:
@@ -539,6 +674,7 @@ def _container(file: str, name: str, doc: dict[str, Any]) -> ContainerSpec:
         restart=_restart(file, doc.get("restart", {})),
         stop=_stop(file, doc.get("stop", {})),
         logs=_logs(file, doc.get("logs", {})),
+        network=_network(file, doc.get("network", {})),
         source=file,
     )
 
@@ -668,13 +804,57 @@ def _group(value: object, file: str, key: str) -> str | int:
     return text
 
 
+_BRIDGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,14}")
+
+
+def _bridge_name(value: object, file: str, key: str) -> str:
+    text = _str(value, file, key)
+    if not _BRIDGE_NAME.fullmatch(text):
+        raise ConfigError(file, key, f"{text!r} is not an interface name (1 to 15 letters, "
+                          "digits, '_' and '-', starting with a letter or digit)")
+    return text
+
+
+def _subnet(value: object, file: str, key: str) -> str:
+    text = _str(value, file, key)
+    try:
+        net = ipaddress.IPv4Network(text)
+    except ValueError as e:
+        raise ConfigError(file, key, f"{text!r} is not an IPv4 subnet like \"10.77.0.0/16\" "
+                          f"({e})") from None
+    if "/" not in text or net.prefixlen > 30 or net.prefixlen < 8:
+        raise ConfigError(file, key, f"{text!r} must give a prefix length from /8 to /30")
+    return str(net)
+
+
+def _subnet6(value: object, file: str, key: str) -> str:
+    text = _str(value, file, key)
+    try:
+        net = ipaddress.IPv6Network(text)
+    except ValueError as e:
+        raise ConfigError(file, key, f"{text!r} is not an IPv6 subnet like \"fd77::/64\" "
+                          f"({e})") from None
+    if "/" not in text or not 48 <= net.prefixlen <= 120:
+        raise ConfigError(file, key, f"{text!r} must give a prefix length from /48 to /120")
+    return str(net)
+
+
+def _bridge_settings(value: object, file: str, key: str) -> BridgeSettings:
+    sec = _Section(file, key + ".", value, dict.fromkeys(attrs.fields_dict(BridgeSettings)))
+    d = BridgeSettings()
+    return BridgeSettings(bridge=sec.get("bridge", _bridge_name, d.bridge),
+                          subnet=sec.get("subnet", _subnet, d.subnet),
+                          subnet6=sec.get("subnet6", _subnet6, d.subnet6))
+
+
 def load_daemon(path: str | os.PathLike[str] | None,
                 overrides: Mapping[str, object] | None = None, *,
                 required: bool = True) -> DaemonSpec:
     """corrald's own settings: corrald.toml, then the command-line flags over it.
 
-    The file holds top-level keys only (``config_dir``, ``root``, ``log_dir``, ``socket``,
-    ``socket_group``, ``live_restore``), checked like a container file: paths absolute,
+    The file holds top-level keys (``config_dir``, ``root``, ``log_dir``, ``socket``,
+    ``socket_group``, ``live_restore``) and a ``[network]`` table (``bridge``, ``subnet``,
+    ``subnet6``), checked like a container file: paths absolute,
     the socket path short enough for a unix address. ``socket`` defaults to
     ``ROOT/corrald.sock``, so ``--root`` alone moves everything the daemon writes.
 
@@ -713,6 +893,7 @@ def _checked_daemon_values(file: str, table: Mapping[str, object]) -> dict[str, 
     checks: dict[str, Callable[[object, str, str], Any]] = {
         "config_dir": _abs_path, "root": _abs_path, "log_dir": _abs_path,
         "socket": _socket_path, "socket_group": _group, "live_restore": _bool,
+        "network": _bridge_settings,
     }
     return {key: sec.get(key, check, None) for key, check in checks.items() if sec.has(key)}
 
@@ -732,7 +913,9 @@ def to_oci(spec: ContainerSpec, base: dict[str, Any] | None = None) -> dict[str,
     command; ``env`` as ``KEY=VALUE``, over the base's (a rootfs gets only ``PATH`` by
     default); ``cwd``; ``user``; ``hostname`` (a rootfs container's defaults to its name);
     bind mounts appended (``rbind``, plus ``ro`` when readonly); ``linux.resources``
-    memory limit, pids limit and a CPU quota of cpus x 100000 µs per 100000 µs.
+    memory limit, pids limit and a CPU quota of cpus x 100000 µs per 100000 µs; network
+    mode ``"host"`` drops the network namespace (``"bridge"`` is added by the daemon, which
+    sets the namespace up first: `_network.oci_changes`).
 
     Args:
         spec: a checked spec.
@@ -774,6 +957,10 @@ def to_oci(spec: ContainerSpec, base: dict[str, Any] | None = None) -> dict[str,
     for m in spec.mounts:
         mounts.append({"destination": m.destination, "type": "bind", "source": m.source,
                        "options": ["rbind", "ro"] if m.readonly else ["rbind"]})
+    if spec.network.mode == "host":
+        # The host's network: no network namespace of its own (set up later for "bridge").
+        lx = cfg.setdefault("linux", {})
+        lx["namespaces"] = [ns for ns in lx.get("namespaces", []) if ns.get("type") != "network"]
     res = spec.resources
     if res != ResourceSpec():
         resources = cfg.setdefault("linux", {}).setdefault("resources", {})

@@ -26,6 +26,7 @@ import math
 import os
 import shutil
 import signal
+import time
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -33,20 +34,25 @@ import trio
 from corral.runtime import _container
 from corral.runtime._errors import CorralError
 from corral.runtime._oom import CONTAINER, OomKill, OomWatcher
-from corral.runtime._state import Root, write_atomic
+from corral.runtime._state import Root, State, proc_stat, write_atomic
 
+from . import _faults as faults
+from . import _records
 from ._config import ContainerSpec, DaemonSpec, ReloadPlan, load_dir, plan_reload, to_oci
 from ._events import EventRing
-from ._helperclient import HelperClient, HelperError, HelperGone, spawn_helper
+from ._helperclient import ExitInfo, HelperClient, HelperError, HelperGone, spawn_helper
 from ._logs import LogFile, pump
+from ._network import Attachment, Network, NetworkError, oci_changes
 from ._notify import Notifier, watchdog_interval
 from ._ops import serve_control
-from ._policy import ExitCause, Fatal, RestartAfter, RestartState
+from ._policy import ExitCause, Fatal, RestartAfter, RestartState, starts_at_boot
+from ._records import Record, digest
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-__all__ = ["STATES", "AlreadyRunning", "ContainerSupervisor", "Context", "Daemon", "run_daemon"]
+__all__ = ["STATES", "AlreadyRunning", "ContainerSupervisor", "Context", "Daemon", "Run",
+           "recover", "run_daemon"]
 
 log = logging.getLogger("corrald")
 
@@ -55,6 +61,11 @@ HELPER_SOCKET_NAME = "corrald-nshelper.sock"
 CLEANUP_DEADLINE = 20.0  # seconds for a shielded delete of one container
 LOG_DRAIN = 2.0  # seconds to read what is left in the pipes after the container is gone
 HELPER_START_TIMEOUT = 30.0
+_CLK_TCK = os.sysconf("SC_CLK_TCK") or 100  # the unit of /proc/PID/stat's start time
+# Names of the runtime root's entries that are corrald's own, not containers.
+RESERVED = {"bundles": "corrald's bundle directory",
+            _records.RECORDS_DIR: "corrald's records directory",
+            "network": "corrald's network directory"}
 
 
 async def _thread(limiter: trio.CapacityLimiter, fn: Callable[..., Any], *args: Any) -> Any:
@@ -70,14 +81,17 @@ class Context:
     log_dir: str
     limiter: trio.CapacityLimiter = attrs.field(factory=lambda: trio.CapacityLimiter(8))
     events: EventRing = attrs.field(factory=EventRing)
+    network: Network | None = None
 
     @property
     def bundles(self) -> str:
         return os.path.join(self.root.path, "bundles")
 
 
-def _write_bundle(spec: ContainerSpec, directory: str) -> str:
-    """Write ``config.json`` for `spec` into `directory` (blocking); returns the directory."""
+def _write_bundle(spec: ContainerSpec, directory: str, net: Attachment | None = None) -> str:
+    """Write ``config.json`` for `spec` into `directory` (blocking); returns the directory.
+
+    A bridge container's config joins the namespace `net` and mounts its hosts files."""
     import json
 
     base = None
@@ -88,6 +102,8 @@ def _write_bundle(spec: ContainerSpec, directory: str) -> str:
         root = base.setdefault("root", {})
         root["path"] = os.path.join(spec.bundle, root.get("path", "rootfs"))
     cfg = to_oci(spec, base)
+    if net is not None:
+        oci_changes(cfg, net)
     os.makedirs(directory, mode=0o700, exist_ok=True)
     write_atomic(os.path.join(directory, "config.json"), json.dumps(cfg).encode(), 0o600)
     return directory
@@ -121,12 +137,26 @@ def _fresh_oom_kills(cg: dict[str, Any]) -> int:
     return 0
 
 
-def _exit_recorded(sup: ContainerSupervisor, _attr: object, cause: ExitCause | None
-                   ) -> ExitCause | None:
-    """`ContainerSupervisor.last_exit`'s setter hook: every exit becomes an event."""
-    if cause is not None:
-        sup.on_exit(cause)
-    return cause
+@attrs.define(eq=False)
+class Run:
+    """One run of a container's process, as the supervisor attends it.
+
+    Attributes:
+        pid, start_time: the container's init (the start time guards against a reused pid).
+        cgroup: the runtime state's cgroup description (for the OOM watch).
+        out, err: the read ends of its stdout and stderr pipes, or -1 (not attached).
+        via_helper: the helper is its parent and reports its exit; else (the helper that
+            started it is gone) its end is seen through a pidfd, without a status.
+        exit: its exit, when the helper kept one for us while no daemon was connected.
+    """
+
+    pid: int
+    start_time: int
+    cgroup: dict[str, Any]
+    out: int = -1
+    err: int = -1
+    via_helper: bool = True
+    exit: ExitInfo | None = None
 
 
 @attrs.define(eq=False)
@@ -134,28 +164,36 @@ class ContainerSupervisor:
     """One container's task: its runs, its logs, its OOM watch and its restart state.
 
     Start `run` with ``nursery.start``; `stop` asks it to stop (at once during backoff);
-    `done` is set when the task has ended. `state`, `last_exit` and `starts` are for
-    status and tests.
+    `done` is set when the task has ended. `state`, `last_exit`, `starts` and `oom_kills`
+    are for status and tests. Set `adopt` before starting the task to take over a run that a
+    previous daemon started (`recover`); `restore` brings back the counters of its record,
+    and `undecided` an exit that it recorded but did not act on yet.
     """
 
     spec: ContainerSpec
     ctx: Context
     state: str = attrs.field(init=False, default="stopped")
-    last_exit: ExitCause | None = attrs.field(init=False, default=None,
-                                              on_setattr=_exit_recorded)
+    last_exit: ExitCause | None = attrs.field(init=False, default=None)
     reason: str = attrs.field(init=False, default="")
     starts: int = attrs.field(init=False, default=0)
-    pid: int = attrs.field(init=False, default=0)
+    oom_kills: int = attrs.field(init=False, default=0)
+    pid: int = attrs.field(init=False, default=0)  # of the run being attended, else 0
     started_at: float | None = attrs.field(init=False, default=None)  # trio.current_time()
     started_wall: str | None = attrs.field(init=False, default=None)  # RFC 3339, for people
-    oom_kills: int = attrs.field(init=False, default=0)
-    _oom_this_run: int = attrs.field(init=False, default=0)
+    adopt: Run | None = attrs.field(init=False, default=None)
+    undecided: ExitCause | None = attrs.field(init=False, default=None)
     done: trio.Event = attrs.field(init=False, factory=trio.Event)
     first_attempt: trio.Event = attrs.field(init=False, factory=trio.Event)
     restart: RestartState = attrs.field(init=False)
     _stop_requested: trio.Event = attrs.field(init=False, factory=trio.Event)
+    _stopped_by_user: bool = attrs.field(init=False, default=False)
     _backoff_scope: trio.CancelScope | None = attrs.field(init=False, default=None)
     _logfile: LogFile = attrs.field(init=False)
+    _oom_base: int = attrs.field(init=False, default=0)  # cgroup oom_kill already counted
+    _init: tuple[int, int] | None = attrs.field(init=False, default=None)  # exit unrecorded
+    _handled: int = attrs.field(init=False, default=0)  # pid of the last recorded exit
+    _live: bool = attrs.field(init=False, default=False)  # a container exists in the runtime
+    _save_lock: trio.Lock = attrs.field(init=False, factory=trio.Lock)
 
     @restart.default
     def _restart_default(self) -> RestartState:
@@ -178,19 +216,26 @@ class ContainerSupervisor:
         log.info("%s: state %s -> %s%s", self.name, old, state, f" ({detail})" if detail else "")
         self.ctx.events.add("state", self.name, **{"from": old, "to": state, "detail": detail})
 
-    def on_running(self, pid: int) -> None:
-        """The run's process is `pid` (for status and uptime)."""
+    # -- what the control socket shows and does -------------------------------------------------
+    def on_running(self, run: Run) -> None:
+        """`run` is attended now: its pid and start (an adopted run's real start, from its
+        start time since boot) for status and uptime."""
         from corral.runtime._state import rfc3339_now
 
-        self.pid, self.started_at, self.started_wall = pid, trio.current_time(), rfc3339_now()
-        self._oom_this_run = 0
+        age = 0.0
+        try:
+            with open("/proc/uptime", "rb") as f:
+                age = max(0.0, float(f.read().split()[0]) - run.start_time / _CLK_TCK)
+        except (OSError, ValueError, IndexError):
+            pass
+        self.pid, self.started_at = run.pid, trio.current_time() - age
+        self.started_wall = rfc3339_now() if age < 1 else time.strftime(
+            "%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - age))
 
     def on_exit(self, cause: ExitCause) -> None:
-        """The run ended: an ``exit`` event; an OOM kill not seen live still counts once."""
-        if cause.kind == "oom" and self._oom_this_run == 0:
-            self.oom_kills += 1
+        """The run ended with `cause` (recorded): an ``exit`` event."""
         self.pid, self.started_at = 0, None
-        self.ctx.events.add("exit", self.name, cause=attrs.asdict(cause),
+        self.ctx.events.add("exit", self.name, cause=cause.to_json(),
                             description=cause.describe())
 
     async def pause(self) -> None:
@@ -205,36 +250,101 @@ class ContainerSupervisor:
         if self.state == "paused":
             self._set("running", f"pid {self.pid}, resumed by the user")
 
-    def stop(self) -> None:
-        """Ask the container to stop: the configured signal, then SIGKILL after the timeout;
-        during backoff the sleep ends at once and no restart follows."""
-        self._stop_requested.set()
-        if self._backoff_scope is not None:
-            self._backoff_scope.cancel()
-
     def wake(self) -> None:
         """In backoff: restart now instead of after the delay (a user's start)."""
         if self._backoff_scope is not None and not self._stop_requested.is_set():
             self._backoff_scope.cancel()
 
-    async def stop_and_wait(self) -> None:
-        self.stop()
+    # -- records ------------------------------------------------------------------------------
+    def record(self) -> Record:
+        """What `_records` keeps of this container now."""
+        now = trio.current_time()
+        return Record(self.name, digest(self.spec), self.state, self.reason, self.starts,
+                      self.oom_kills, self._oom_base,
+                      self.last_exit.to_json() if self.last_exit else None,
+                      self.restart.snapshot(now), self._init, self._handled, time.time())
+
+    def restore(self, rec: Record) -> None:
+        """Take the counters of `rec` (a previous daemon's); a damaged part is logged and
+        that part starts afresh."""
+        self.starts, self.oom_kills, self._oom_base = rec.starts, rec.oom_kills, rec.oom_base
+        self._init, self._handled = rec.init, rec.handled
+        self.reason = rec.reason
+        try:
+            self.last_exit = ExitCause.from_json(rec.last_exit) if rec.last_exit else None
+            if rec.restart is not None:
+                # The snapshot's times are relative to its save: shift them by the time since.
+                away = max(0.0, time.time() - rec.saved_at)
+                self.restart = RestartState.restore(self.spec.restart, rec.restart,
+                                                    trio.current_time() - away)
+        except ValueError as e:
+            log.error("%s: damaged record, restart counters start afresh: %s", self.name, e)
+
+    def park(self, rec: Record) -> None:
+        """Show the state `rec` ended in (exited, fatal, stopped) without running anything:
+        a daemon restart does not bring back a container that had stayed down."""
+        self.restore(rec)
+        self.state = rec.state
+        log.info("%s: state %s (%s) kept from before the daemon restart", self.name, rec.state,
+                 rec.reason)
+        self.first_attempt.set()
+        self.done.set()
+
+    async def save(self) -> None:
+        """Write the record now (in a thread, one write at a time, the newest last)."""
+        async with self._save_lock:
+            rec = self.record()
+            with trio.CancelScope(shield=True):
+                try:
+                    await _thread(self.ctx.limiter, _records.save, self.ctx.root.path, rec)
+                except OSError as e:
+                    log.error("%s: cannot save its record: %s", self.name, e)
+
+    # -- control ------------------------------------------------------------------------------
+    def stop(self, by_user: bool = True) -> None:
+        """Ask the container to stop: the configured signal, then SIGKILL after the timeout;
+        during backoff the sleep ends at once and no restart follows. `by_user` False is the
+        daemon's own shutdown: an ``unless-stopped`` container starts again with the daemon."""
+        self._stopped_by_user = self._stopped_by_user or by_user
+        self._stop_requested.set()
+        if self._backoff_scope is not None:
+            self._backoff_scope.cancel()
+
+    async def stop_and_wait(self, by_user: bool = True) -> None:
+        self.stop(by_user)
         await self.done.wait()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
-        """The container's whole life under corrald; returns when it stays down."""
+        """The container's whole life under corrald; returns when it stays down.
+
+        Cancelled (the daemon exits for live restore, or lost its helper), it leaves the
+        container running and its record as it is: the next daemon adopts it.
+        """
         task_status.started()
+        left = False
         try:
-            while not self._stop_requested.is_set():
-                cause = await self._run_once()
-                if cause is None:  # could not be created: said in the log
-                    break
+            cause, self.undecided = self.undecided, None
+            if self.adopt is not None:
+                run, self.adopt = self.adopt, None
+                cause = await self._attend(run)
+            while True:
+                if cause is None:
+                    if self._stop_requested.is_set():
+                        break
+                    cause = await self._run_once()
+                    if cause is None:  # could not be created: said in the log
+                        await self.save()
+                        break
                 decision = self.restart.on_exit(trio.current_time(), cause,
                                                 stopped_by_user=self._stop_requested.is_set())
+                if not self._stopped_by_user:
+                    self.restart.stopped_by_user = False  # the daemon's shutdown, not the user
                 if isinstance(decision, RestartAfter):
                     self._set("backoff", f"{cause.describe()}; restart {decision.attempt} in "
                                          f"{decision.delay:.3g}s")
+                    cause = None
+                    await self.save()
                     with trio.CancelScope() as self._backoff_scope:
                         if self._stop_requested.is_set():
                             self._backoff_scope.cancel()
@@ -247,15 +357,28 @@ class ContainerSupervisor:
                 else:
                     self._set("fatal" if isinstance(decision, Fatal) else "exited",
                               decision.reason)
+                await self.save()
                 return
             if self.state in ("backoff", "stopping", "running", "starting"):
-                self.restart.on_user_stop()
-                self._set("stopped", "stopped by the user")
+                if self._stopped_by_user:
+                    self.restart.on_user_stop()
+                self._set("stopped", "stopped by the user" if self._stopped_by_user
+                          else "stopped with the daemon")
+                await self.save()
+        except BaseException:
+            left = True  # cancelled (the daemon leaves) or failed: the next daemon takes over
+            raise
         finally:
             self.first_attempt.set()
             self._logfile.close()
-            with trio.CancelScope(shield=True, deadline=trio.current_time() + 5):
-                await _thread(self.ctx.limiter, shutil.rmtree, self.bundle, True)
+            if not self._live:
+                with trio.CancelScope(shield=True, deadline=trio.current_time() + 5):
+                    await _thread(self.ctx.limiter, shutil.rmtree, self.bundle, True)
+                if (self.spec.network.mode == "bridge" and self.ctx.network is not None
+                        and not left):
+                    with trio.CancelScope(shield=True,
+                                          deadline=trio.current_time() + CLEANUP_DEADLINE):
+                        await self.ctx.network.down(self.name)
             self.done.set()
 
     async def _run_once(self) -> ExitCause | None:
@@ -265,16 +388,26 @@ class ContainerSupervisor:
         out_r = out_w = err_r = err_w = -1
         try:
             await _thread(ctx.limiter, os.makedirs, ctx.log_dir, 0o755, True)
-            await _thread(ctx.limiter, _write_bundle, self.spec, self.bundle)
+            net = None
+            if self.spec.network.mode == "bridge":
+                if ctx.network is None:
+                    raise NetworkError("network: this corrald has no bridge network")
+                net = await ctx.network.up(self.spec)
+            await _thread(ctx.limiter, _write_bundle, self.spec, self.bundle, net)
             # A container of this name left over (a daemon crash) is in the way.
             await _thread(ctx.limiter, _container.delete, ctx.root, self.name, True)
             out_r, out_w = os.pipe2(os.O_CLOEXEC)
             err_r, err_w = os.pipe2(os.O_CLOEXEC)
-            pid = await ctx.helper.create(self.name, self.bundle, out_w, err_w)
-        except (HelperError, CorralError, OSError, ValueError) as e:
+            faults.hit("create")
+            self._live = True
+            pid = await ctx.helper.create(self.name, self.bundle, out_w, err_w, (out_r, err_r))
+            faults.hit("created")
+            st = await _thread(ctx.limiter, ctx.root.load, self.name)
+        except (HelperError, CorralError, OSError, ValueError, NetworkError) as e:
             for fd in (out_r, err_r):  # the write ends: below
                 if fd >= 0:
                     os.close(fd)
+            self._live = False
             self.reason = f"cannot create: {e}"
             self._set("fatal", self.reason)
             self.first_attempt.set()
@@ -285,52 +418,84 @@ class ContainerSupervisor:
                     os.close(fd)
         self.starts += 1
         self.restart.on_start(trio.current_time())
+        self._init, self._oom_base = (pid, st.start_time), 0
+        return await self._attend(Run(pid, st.start_time, st.cgroup, out_r, err_r))
+
+    async def _attend(self, run: Run) -> ExitCause:
+        """Log, watch and stop `run` until its exit; record the exit, then delete it."""
+        ctx = self.ctx
+        self._live = True
         async with trio.open_nursery() as readers:
-            readers.start_soon(pump, out_r, "stdout", self._logfile, ctx.limiter)
-            readers.start_soon(pump, err_r, "stderr", self._logfile, ctx.limiter)
-            try:
-                self._set("running", f"pid {pid}")
-                self.first_attempt.set()
-                cause = await self._watch(pid)
-            finally:
-                with trio.CancelScope(shield=True,
-                                      deadline=trio.current_time() + CLEANUP_DEADLINE):
-                    try:
-                        await _thread(ctx.limiter, _container.delete, ctx.root, self.name, True)
-                    except (CorralError, OSError) as e:
-                        log.warning("%s: delete failed: %s", self.name, e)
-                readers.cancel_scope.deadline = trio.current_time() + LOG_DRAIN
-        self.last_exit = cause
-        log.info("%s: %s", self.name, cause.describe())
+            for fd, stream in ((run.out, "stdout"), (run.err, "stderr")):
+                if fd >= 0:
+                    readers.start_soon(pump, fd, stream, self._logfile, ctx.limiter)
+            self.on_running(run)
+            self._set("running", f"pid {run.pid}")
+            await self.save()  # the start (or the adoption, with what it counted)
+            self.first_attempt.set()
+            cause, info = await self._watch(run)
+            faults.hit("exit")
+            self.last_exit = cause
+            self.on_exit(cause)
+            self._init, self._handled = None, run.pid
+            log.info("%s: %s", self.name, cause.describe())
+            await self.save()
+            faults.hit("recorded")
+            if info is not None:
+                await ctx.helper.ack(info)
+            faults.hit("acked")
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + CLEANUP_DEADLINE):
+                try:
+                    await _thread(ctx.limiter, _container.delete, ctx.root, self.name, True)
+                    self._live = False
+                except (CorralError, OSError) as e:
+                    log.warning("%s: delete failed: %s", self.name, e)
+            readers.cancel_scope.deadline = trio.current_time() + LOG_DRAIN
         return cause
 
-    async def _watch(self, pid: int) -> ExitCause:
-        """Wait for the exit (from the helper) while watching OOM and serving a stop."""
+    async def _count_ooms(self, cgroup: dict[str, Any]) -> int:
+        """Add what the container cgroup's ``oom_kill`` grew by since last looked; returns
+        the growth."""
+        now: int = await _thread(self.ctx.limiter, _fresh_oom_kills, cgroup)
+        grew = max(0, now - self._oom_base)
+        self.oom_kills += grew
+        self._oom_base = max(now, self._oom_base)
+        return grew
+
+    async def _watch(self, run: Run) -> tuple[ExitCause, ExitInfo | None]:
+        """Wait for the exit (from the helper, or a pidfd) while watching OOM and serving a
+        stop; the cause, and the helper's event to acknowledge once the cause is recorded."""
         ctx = self.ctx
-        self.on_running(pid)
-        cgroup: dict[str, Any] = {}
         watcher: OomWatcher | None = None
-        try:
-            st = await _thread(ctx.limiter, ctx.root.load, self.name)
-            cgroup = st.cgroup
-            watcher = await _thread(ctx.limiter, OomWatcher, cgroup)
-        except (CorralError, OSError) as e:
-            log.warning("%s: no OOM watch: %s", self.name, e)
         kills: list[OomKill] = []
-        info = None
+        if run.cgroup:
+            away = await self._count_ooms(run.cgroup)  # kills while no daemon watched
+            if away:
+                log.warning("%s: %d OOM kill(s) while corrald was away", self.name, away)
+                kills.append(OomKill(away, CONTAINER))
+                await self.save()
+            try:
+                watcher = await _thread(ctx.limiter, OomWatcher, run.cgroup)
+            except (CorralError, OSError) as e:
+                log.warning("%s: no OOM watch: %s", self.name, e)
+        info = run.exit
         try:
-            async with trio.open_nursery() as nursery:
-                if watcher is not None:
-                    nursery.start_soon(self._watch_oom, watcher, kills)
-                nursery.start_soon(self._stopper)
-                info = await ctx.helper.wait_exit(self.name)
-                nursery.cancel_scope.cancel()
+            if info is None:
+                async with trio.open_nursery() as nursery:
+                    if watcher is not None:
+                        nursery.start_soon(self._watch_oom, watcher, kills, run.cgroup)
+                    nursery.start_soon(self._stopper)
+                    if run.via_helper:
+                        info = await ctx.helper.wait_exit(self.name)
+                    else:
+                        await _wait_pidfd(run.pid, run.start_time)
+                    nursery.cancel_scope.cancel()
             if watcher is not None:
                 kills += await _thread(ctx.limiter, watcher.final_check)
-            if not kills and cgroup:
-                n = await _thread(ctx.limiter, _fresh_oom_kills, cgroup)
-                if n:
-                    kills.append(OomKill(n, CONTAINER))
+            if run.cgroup:
+                grew = await self._count_ooms(run.cgroup)
+                if grew and not kills:
+                    kills.append(OomKill(grew, CONTAINER))
         finally:
             if watcher is not None:
                 watcher.close()
@@ -339,13 +504,15 @@ class ContainerSupervisor:
             if level == CONTAINER:
                 limit = self.spec.resources.memory
                 level = ("container memory limit" + (f" ({_show_size(limit)})" if limit else ""))
-            return ExitCause.oom_killed(level, info.signal if info else signal.SIGKILL)
-        assert info is not None
+            return ExitCause.oom_killed(level, info.signal if info else signal.SIGKILL), info
+        if info is None:
+            return ExitCause.unknown(), None
         if info.signal is not None:
-            return ExitCause.killed(info.signal)
-        return ExitCause.exited(info.code if info.code is not None else 255)
+            return ExitCause.killed(info.signal), info
+        return ExitCause.exited(info.code if info.code is not None else 255), info
 
-    async def _watch_oom(self, watcher: OomWatcher, kills: list[OomKill]) -> None:
+    async def _watch_oom(self, watcher: OomWatcher, kills: list[OomKill],
+                         cgroup: dict[str, Any]) -> None:
         while True:
             recheck = watcher.recheck_in()
             with trio.move_on_after(math.inf if recheck is None else recheck):
@@ -354,10 +521,11 @@ class ContainerSupervisor:
             for k in found:
                 log.warning("%s: OOM kill of %d process(es), level %s", self.name, k.count,
                             k.level)
-                self.oom_kills += k.count
-                self._oom_this_run += k.count
                 self.ctx.events.add("oom", self.name, count=k.count, level=k.level)
             kills.extend(found)
+            if found:
+                await self._count_ooms(cgroup)
+                await self.save()
 
     async def _stopper(self) -> None:
         """On stop: the configured signal, then SIGKILL to the whole cgroup after the timeout."""
@@ -369,21 +537,47 @@ class ContainerSupervisor:
                 log.info("%s: %s", self.name, e)
         stop = self.spec.stop
         self._set("stopping", f"{stop.signal.name}, SIGKILL after {stop.timeout:g}s")
+        await _stop_container(self.ctx, self.name, stop.signal, stop.timeout)
+
+
+async def _stop_container(ctx: Context, cid: str, sig: int, grace: float) -> None:
+    """`sig` to the container, then SIGKILL to all of its processes every second after
+    `grace` seconds; never returns (cancel it once the exit is seen)."""
+    faults.hit("stopping")
+    try:
+        await _thread(ctx.limiter, _container.kill, ctx.root, cid, int(sig))
+    except CorralError as e:
+        log.info("%s: %s", cid, e)
+    await trio.sleep(grace)
+    log.warning("%s: still running %gs after %s: SIGKILL to every process", cid, grace,
+                signal.Signals(sig).name)
+    while True:
         try:
-            await _thread(self.ctx.limiter, _container.kill, self.ctx.root, self.name,
-                          int(stop.signal))
+            await _thread(ctx.limiter, _container.kill, ctx.root, cid, int(signal.SIGKILL),
+                          True)
         except CorralError as e:
-            log.info("%s: %s", self.name, e)
-        await trio.sleep(stop.timeout)
-        log.warning("%s: still running %gs after %s: SIGKILL to every process", self.name,
-                    stop.timeout, stop.signal.name)
-        while True:
-            try:
-                await _thread(self.ctx.limiter, _container.kill, self.ctx.root, self.name,
-                              int(signal.SIGKILL), True)
-            except CorralError as e:
-                log.info("%s: %s", self.name, e)
-            await trio.sleep(1)
+            log.info("%s: %s", cid, e)
+        await trio.sleep(1)
+
+
+async def _wait_pidfd(pid: int, start_time: int) -> None:
+    """Return once process `pid` (started at `start_time`) has ended: through a pidfd, for
+    a process that is not the helper's child (the helper that started it is gone)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        if _runs(pid, start_time):  # the pidfd is of the same process, not a reused pid
+            await trio.lowlevel.wait_readable(fd)
+    finally:
+        os.close(fd)
+
+
+def _runs(pid: int, start_time: int) -> bool:
+    """Whether process `pid`, started at `start_time` (clock ticks), runs (not a zombie)."""
+    st = proc_stat(pid)
+    return st is not None and st[0] not in "ZX" and st[1] == start_time
 
 
 @attrs.define(eq=False)
@@ -409,8 +603,14 @@ class Daemon:
         parts = [f"{counts[s]} {s}" for s in STATES if s in counts]
         return f"{len(self.supervisors)} containers: " + (", ".join(parts) or "none")
 
-    async def start(self, spec: ContainerSpec) -> ContainerSupervisor:
+    async def start(self, spec: ContainerSpec, adopt: Run | None = None,
+                    record: Record | None = None) -> ContainerSupervisor:
+        """Start supervising `spec`: from its `record`'s counters if given, taking over the
+        running `adopt` if given, else creating the container."""
         sup = ContainerSupervisor(spec, self.ctx)
+        if record is not None:
+            sup.restore(record)
+        sup.adopt = adopt
         self.supervisors[spec.name] = sup
         await self.nursery.start(self._supervise, sup)
         return sup
@@ -442,9 +642,10 @@ class Daemon:
                 log.error("%s (kept running with its previous configuration)", e)
             else:
                 log.error("%s (skipped)", e)
-        if "bundles" in specs:
-            log.error("bundles: the name is reserved for corrald's bundle directory (skipped)")
-            del specs["bundles"]
+        for name, what in RESERVED.items():
+            if name in specs:
+                log.error("%s: the name is reserved for %s (skipped)", name, what)
+                del specs[name]
         return specs
 
     async def reload(self, dry_run: bool = False) -> ReloadPlan | None:
@@ -479,6 +680,7 @@ class Daemon:
         if dry_run:
             return plan
         log.info("reload: %s", plan.describe())
+        faults.hit("reload")
         async with contextlib.AsyncExitStack() as locks:
             for name in sorted({*plan.added, *plan.removed, *plan.changed}):
                 await locks.enter_async_context(self.lock(name))
@@ -488,6 +690,7 @@ class Daemon:
             for name in plan.removed:
                 del self.supervisors[name]
                 self.user_stopped.discard(name)
+                await _thread(self.ctx.limiter, _records.remove, self.ctx.root.path, name)
             for name in (*plan.added, *plan.changed):
                 if name in self.user_stopped:
                     self.supervisors[name] = self._parked(new[name])
@@ -542,10 +745,14 @@ class Daemon:
         return sup
 
     async def stop_all(self) -> None:
+        """The daemon's shutdown: stop every container in parallel, then forget the records
+        but those of containers the user stopped (``unless-stopped`` keeps them down)."""
         self.closing = True
         async with trio.open_nursery() as nursery:
             for sup in list(self.supervisors.values()):
-                nursery.start_soon(sup.stop_and_wait)
+                nursery.start_soon(sup.stop_and_wait, False)
+        keep = {n for n, s in self.supervisors.items() if s.restart.stopped_by_user}
+        await _thread(self.ctx.limiter, _records.prune, self.ctx.root.path, keep)
 
 
 class AlreadyRunning(Exception):
@@ -577,20 +784,171 @@ async def _connect_helper(spec: DaemonSpec) -> HelperClient:
     return await HelperClient.connect(path)
 
 
-async def _clear_leftovers(ctx: Context) -> None:
-    """Kill and delete the containers a previous corrald left running in the helper.
+def _load_state(root: Root, cid: str) -> State | None:
+    try:
+        return root.load(cid)
+    except (CorralError, OSError, ValueError, KeyError):
+        return None
 
-    Adopting them is a later step; until then a restarted corrald starts from a clean slate,
-    and waits for each exit report so that a stale one cannot be taken for a new run's.
+
+def _source_gone(spec: ContainerSpec) -> str | None:
+    """The rootfs or bundle directory of `spec` when it no longer exists, else None."""
+    path = spec.rootfs or spec.bundle
+    return path if path is not None and not os.path.isdir(path) else None
+
+
+async def _retire(ctx: Context, cid: str, run: Run, why: str) -> None:
+    """Stop a container that cannot be adopted (`why`), record nothing, delete it."""
+    log.warning("%s: %s: stopping it", cid, why)
+    info = run.exit
+    if info is None and (run.via_helper or _runs(run.pid, run.start_time)):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_stop_container, ctx, cid, signal.SIGTERM, 10.0)
+            if run.via_helper:
+                info = await ctx.helper.wait_exit(cid)
+            else:
+                await _wait_pidfd(run.pid, run.start_time)
+            nursery.cancel_scope.cancel()
+    for fd in (run.out, run.err):
+        if fd >= 0:
+            os.close(fd)
+    if info is not None:
+        await ctx.helper.ack(info)
+    with trio.CancelScope(shield=True, deadline=trio.current_time() + CLEANUP_DEADLINE):
+        await _thread(ctx.limiter, _container.delete, ctx.root, cid, True)
+        await _thread(ctx.limiter, shutil.rmtree, os.path.join(ctx.bundles, cid), True)
+        await _thread(ctx.limiter, _records.remove, ctx.root.path, cid)
+    log.warning("%s: stopped and removed (%s)", cid, why)
+
+
+async def _attach(ctx: Context, cid: str, pid: int, kept: bool, alive: bool
+                  ) -> tuple[int, int]:
+    """The read ends of a container's stdout/stderr: the helper's copies (with what the
+    container wrote while no daemon read, even if it has ended since), else reopened through
+    /proc while it runs (a pipe can be), else none (-1)."""
+    if kept:
+        fds = await ctx.helper.attach(cid)
+        if fds is not None:
+            return fds
+    if not alive:
+        return -1, -1
+    got = []
+    for n in (1, 2):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{n}").startswith("pipe:"):
+                got.append(os.open(f"/proc/{pid}/fd/{n}", os.O_RDONLY | os.O_CLOEXEC))
+                continue
+        except OSError:
+            pass
+        got.append(-1)
+    if -1 in got:
+        log.warning("%s: cannot reattach all of its output", cid)
+    return got[0], got[1]
+
+
+def _stays_down(spec: ContainerSpec, rec: Record) -> bool:
+    """Whether a container that no daemon runs now had stayed down by its own record."""
+    if rec.state in ("exited", "fatal"):
+        return True
+    by_user = bool((rec.restart or {}).get("stopped_by_user"))
+    return rec.state == "stopped" and not starts_at_boot(spec.restart, by_user)
+
+
+async def recover(daemon: Daemon, specs: dict[str, ContainerSpec]) -> None:
+    """Start-up: take over what a previous corrald left, then start what is configured.
+
+    A container found running (in the runtime root, and as the helper's child if the helper
+    survived) is adopted with its record's counters; one that ended while no daemon was
+    there has its exit (kept by the helper, or "unknown" if the helper died too) recorded
+    and acted on by policy; one that is no longer configured, or whose rootfs or bundle is
+    gone, or whose configuration changed meanwhile, is stopped (and the last started anew).
+    A configured container with no run is started, unless its record says it had stayed
+    down (exited, fatal, or stopped by the user with ``unless-stopped``).
     """
-    running = await ctx.helper.list()
-    if running:
-        log.warning("deleting %d container(s) left running by a previous corrald: %s",
-                    len(running), ", ".join(sorted(running)))
-    for cid in running:
-        with trio.move_on_after(CLEANUP_DEADLINE):
+    ctx = daemon.ctx
+    records, problems = await _thread(ctx.limiter, _records.load_all, ctx.root.path)
+    for p in problems:
+        log.error("unreadable record (ignored): %s", p)
+    with trio.fail_after(HELPER_START_TIMEOUT):
+        running = await ctx.helper.settled_list()  # after the creates still in progress
+    kept = ctx.helper.exits()
+    ids = set(await _thread(ctx.limiter, ctx.root.ids)) | set(running) | set(kept)
+    adopted: dict[str, Run] = {}
+    retiring: list[tuple[str, Run, str]] = []
+    for cid in sorted(ids - set(RESERVED)):
+        spec, rec, info = specs.get(cid), records.get(cid), kept.get(cid)
+        if info is not None and rec is not None and info.pid == rec.handled:
+            await ctx.helper.ack(info)  # recorded just before the last daemon died
+            info = None
+        st = await _thread(ctx.limiter, _load_state, ctx.root, cid)
+        alive = st is not None and st.init_alive()
+        unrecorded = (info is not None or (st is not None and rec is not None
+                                           and rec.init == (st.pid, st.start_time)))
+        if st is None or not (alive or unrecorded):
+            # Ended, and its exit is counted: the last daemon died before deleting it.
+            if info is not None:
+                await ctx.helper.ack(info)
             await _thread(ctx.limiter, _container.delete, ctx.root, cid, True)
-            await ctx.helper.wait_exit(cid)
+            continue
+        via_helper = cid in running or info is not None
+        out, err = await _attach(ctx, cid, st.pid, via_helper, alive)
+        run = Run(st.pid, st.start_time, st.cgroup, out, err, via_helper, info)
+        gone = _source_gone(spec) if spec is not None else None
+        if spec is None:
+            retiring.append((cid, run, "left by the previous corrald, no longer configured"))
+        elif gone is not None:
+            retiring.append((cid, run, f"its {'rootfs' if spec.rootfs else 'bundle'} {gone} "
+                                       "is gone"))
+        elif rec is not None and rec.digest != digest(spec):
+            retiring.append((cid, run, "its configuration changed while corrald was down"))
+            del records[cid]  # starts anew below, as a reload would
+        else:
+            adopted[cid] = run
+            if rec is None or rec.init != (st.pid, st.start_time):
+                log.info("%s: its start was not recorded: counted now", cid)
+                rec = rec or Record(cid, digest(spec))
+                rec.starts += 1
+                rec.init = (st.pid, st.start_time)
+                rec.oom_base = 0
+                records[cid] = rec
+        faults.hit("recover")
+    if retiring:
+        async with trio.open_nursery() as nursery:
+            for cid, run, why in retiring:
+                nursery.start_soon(_retire, ctx, cid, run, why)
+    if ctx.network is not None:
+        # Networks of containers not adopted (stopped above, or gone with a crash) go; the
+        # adopted keep their namespace and address, and their names in the others' hosts.
+        await ctx.network.cleanup(set(adopted))
+        for name in adopted:
+            spec = specs[name]
+            if spec.network.mode == "bridge":
+                await ctx.network.adopt(name, spec.hostname)
+    for name, spec in specs.items():
+        rec = records.get(name)
+        if rec is not None and rec.digest != digest(spec):
+            rec = None
+        if name in adopted:
+            run = adopted[name]
+            log.info("%s: adopted (pid %d%s)", name, run.pid,
+                     "" if run.exit is None else ", ended while corrald was away")
+            await daemon.start(spec, run, rec)
+        elif rec is not None and _stays_down(spec, rec):
+            sup = ContainerSupervisor(spec, ctx)
+            sup.park(rec)
+            daemon.supervisors[name] = sup
+        else:
+            sup = ContainerSupervisor(spec, ctx)
+            if rec is not None:
+                sup.restore(rec)
+                if rec.init is None and rec.state in ("running", "stopping"):
+                    sup.undecided = sup.last_exit  # recorded; the daemon died before acting
+                    sup.state = rec.state
+            daemon.supervisors[name] = sup
+            await daemon.nursery.start(daemon._supervise, sup)
+    stale = set(records) - set(specs)
+    for name in stale:
+        await _thread(ctx.limiter, _records.remove, ctx.root.path, name)
 
 
 async def run_daemon(spec: DaemonSpec, *,
@@ -615,7 +973,7 @@ async def run_daemon(spec: DaemonSpec, *,
 async def _run_locked(spec: DaemonSpec, task_status: trio.TaskStatus[Daemon]) -> int:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         helper = await _connect_helper(spec)
-        stopping = False
+        stopping = leaving = False
 
         async def keep_helper(task_status: trio.TaskStatus[int]) -> None:
             await helper.run(task_status=task_status)
@@ -626,14 +984,13 @@ async def _run_locked(spec: DaemonSpec, task_status: trio.TaskStatus[Daemon]) ->
             helper_pid = await outer.start(keep_helper)
             log.info("connected to the namespace helper (pid %d)", helper_pid)
             ctx = Context(Root(spec.root), helper, spec.log_dir)
+            ctx.network = Network(spec.network, spec.root, ctx.limiter)
             try:
                 async with trio.open_nursery() as nursery:
                     daemon = Daemon(spec, ctx, nursery)
                     await nursery.start(serve_control, daemon)
-                    await _clear_leftovers(ctx)
                     specs = await _thread(ctx.limiter, daemon.load)
-                    for s in specs.values():
-                        await daemon.start(s)
+                    await recover(daemon, specs)
                     for sup in list(daemon.supervisors.values()):
                         await sup.first_attempt.wait()
                     log.info("ready: %s", daemon.status_line())
@@ -647,21 +1004,30 @@ async def _run_locked(spec: DaemonSpec, task_status: trio.TaskStatus[Daemon]) ->
                             log.info("SIGHUP: reloading %s", spec.config_dir)
                             await daemon.reload()
                             continue
-                        log.info("%s: stopping every container", signal.Signals(signum).name)
                         await daemon.notifier.send("STOPPING=1")
-                        await daemon.stop_all()
+                        if spec.live_restore:
+                            leaving = True
+                            log.info("%s: live restore: leaving %d container(s) running for "
+                                     "the next corrald", signal.Signals(signum).name,
+                                     sum(s._live for s in daemon.supervisors.values()))
+                        else:
+                            log.info("%s: stopping every container",
+                                     signal.Signals(signum).name)
+                            await daemon.stop_all()
                         nursery.cancel_scope.cancel()
                         break
                 stopping = True
                 with trio.CancelScope(shield=True, deadline=trio.current_time() + 10):
-                    try:
-                        await helper.shutdown()
-                    except (HelperError, HelperGone) as e:
-                        log.warning("namespace helper shutdown: %s", e)
-                    try:
-                        os.rmdir(ctx.bundles)
-                    except OSError:
-                        pass
+                    if not leaving:
+                        try:
+                            await helper.shutdown()
+                        except (HelperError, HelperGone) as e:
+                            log.warning("namespace helper shutdown: %s", e)
+                        try:
+                            os.rmdir(ctx.bundles)
+                        except OSError:
+                            pass
+                    await ctx.network.close()
                     daemon.notifier.close()
             finally:
                 await helper.aclose()

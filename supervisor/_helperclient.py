@@ -9,7 +9,9 @@ Example::
     pid = await spawn_helper("/run/corrald/helper.sock", "/run/corral")
     async with HelperClient.open("/run/corrald/helper.sock") as helper:
         init = await helper.create("web", "/var/lib/corrald/bundles/web", out_fd, err_fd)
-        info = await helper.wait_exit("web")   # ExitInfo(code=0, signal=None, pid=init)
+        info = await helper.wait_exit("web")   # ExitInfo(code=0, signal=None, pid=init, ...)
+        ...                                     # record the exit somewhere safe, then
+        await helper.ack(info)                  # the helper forgets it
 
 Daemons with a nursery of their own start the reader there instead of using `open`::
 
@@ -48,11 +50,15 @@ class HelperGone(Exception):
 
 @attrs.frozen
 class ExitInfo:
-    """How a container's init ended: `code` if it exited, `signal` if a signal killed it."""
+    """How a container's init ended: `code` if it exited, `signal` if a signal killed it.
+
+    `eseq` is the helper's number for the event: `HelperClient.ack` it once handled.
+    """
 
     code: int | None
     signal: int | None
     pid: int = 0
+    eseq: int | None = None
 
 
 @attrs.define(eq=False)
@@ -102,6 +108,16 @@ async def spawn_helper(socket_path: str | os.PathLike[str], root: str | os.PathL
                           f"(exit status {status}); its log says why")
     async with HelperClient.open(socket_path) as client:
         return client.helper_pid
+
+
+def _fds_of(anc: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, payload in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
+            fds.extend(arr)
+    return fds
 
 
 def _unwrap(eg: BaseExceptionGroup[BaseException]) -> BaseException:
@@ -176,16 +192,23 @@ class HelperClient:
         try:
             await self._send({"op": "ping", "seq": claim})
             while True:
+                fds: list[int] = []
                 try:
-                    data = await self._sock.recv(MAX_REPLY)
+                    data, anc, _flags, _ = await self._sock.recvmsg(
+                        MAX_REPLY, socket.CMSG_SPACE(8 * 4), socket.MSG_CMSG_CLOEXEC)
+                    fds = _fds_of(anc)
                 except (trio.ClosedResourceError, OSError):
                     data = b""
+                try:
+                    msg = json.loads(data) if data else None
+                except ValueError:
+                    msg = None
+                if isinstance(msg, dict) and fds:
+                    msg["fds"], fds = fds, []
+                for fd in fds:  # fds on a datagram we do not understand
+                    os.close(fd)
                 if not data:
                     break
-                try:
-                    msg = json.loads(data)
-                except ValueError:
-                    continue
                 if not isinstance(msg, dict):
                     continue
                 if not started and msg.get("seq") == claim:
@@ -202,22 +225,22 @@ class HelperClient:
     async def _dispatch(self, msg: dict[str, Any]) -> None:
         if msg.get("op") == "exit":
             cid = str(msg.get("id"))
+            eseq = msg.get("eseq")
             self._exits[cid] = ExitInfo(msg.get("code"), msg.get("signal"),
-                                        int(msg.get("pid", 0)))
+                                        int(msg.get("pid", 0)),
+                                        eseq if isinstance(eseq, int) else None)
             waiter = self._exit_waiters.pop(cid, None)
             if waiter is not None:
                 waiter.set()
-            if isinstance(msg.get("eseq"), int):
-                try:
-                    await self._send({"op": "ack", "eseq": msg["eseq"]})
-                except HelperGone:
-                    pass
             return
         seq = msg.get("seq")
         slot = self._pending.get(seq) if isinstance(seq, int) else None
         if slot is not None:
             slot.reply = msg
             slot.done.set()
+        else:
+            for fd in msg.get("fds", ()):
+                os.close(fd)
 
     def _lost(self, why: str) -> None:
         """Close the connection (once) and fail everything that waits on it."""
@@ -258,7 +281,7 @@ class HelperClient:
         return slot.reply
 
     async def create(self, cid: str, bundle: str | os.PathLike[str], stdout_fd: int,
-                     stderr_fd: int) -> int:
+                     stderr_fd: int, keep: tuple[int, int] | None = None) -> int:
         """Create and start container `cid` from `bundle`; returns its init's pid.
 
         The fds become the container's stdout and stderr (stdin is /dev/null); they are
@@ -270,6 +293,8 @@ class HelperClient:
             bundle: an absolute path to the OCI bundle.
             stdout_fd: the fd for the container's stdout.
             stderr_fd: the fd for the container's stderr.
+            keep: the read ends of those pipes, for the helper to hold while the container
+                lives (`attach` gives them back to a restarted daemon).
 
         Raises:
             HelperError: the create failed; the message is `corral create`'s.
@@ -277,13 +302,47 @@ class HelperClient:
         """
         self._exits.pop(cid, None)
         reply = await self._request({"op": "create", "id": cid, "bundle": os.fspath(bundle)},
-                                    [stdout_fd, stderr_fd])
+                                    [stdout_fd, stderr_fd, *(keep or ())])
         return int(reply["pid"])
+
+    async def attach(self, cid: str) -> tuple[int, int] | None:
+        """The read ends of `cid`'s stdout and stderr pipes that the helper keeps (new fds,
+        ours to close), or None when it keeps none."""
+        try:
+            reply = await self._request({"op": "attach", "id": cid})
+        except HelperError:
+            return None
+        fds = list(reply.get("fds", ()))
+        if len(fds) != 2:
+            for fd in fds:
+                os.close(fd)
+            return None
+        return fds[0], fds[1]
+
+    async def ack(self, info: ExitInfo) -> None:
+        """The exit `info` is handled (recorded): the helper may forget it."""
+        if info.eseq is not None:
+            await self._send({"op": "ack", "eseq": info.eseq})
+
+    def exits(self) -> dict[str, ExitInfo]:
+        """The exits received and not yet taken by `create` (by container id): at start-up,
+        those the helper kept for us while no daemon was connected."""
+        return dict(self._exits)
 
     async def list(self) -> dict[str, int]:
         """Container id -> init pid of every init the helper is parent of and that runs."""
         reply = await self._request({"op": "list"})
         return {str(c["id"]): int(c["pid"]) for c in reply.get("containers", [])}
+
+    async def settled_list(self, poll: float = 0.05) -> dict[str, int]:
+        """`list` once no create is in progress: a create that a previous client asked for
+        and that is still running would otherwise be missed, then made a second time.
+        Bound it with a deadline of your own."""
+        while True:
+            reply = await self._request({"op": "list"})
+            if not reply.get("creating"):
+                return {str(c["id"]): int(c["pid"]) for c in reply.get("containers", [])}
+            await trio.sleep(poll)
 
     async def ping(self) -> int:
         """The helper's pid."""

@@ -15,13 +15,19 @@ which is single-threaded and blocking, and which:
 Protocol: one JSON object per datagram, in both directions. Requests carry a `seq` that the
 reply repeats:
 
-    {"op":"create","seq":N,"id":ID,"bundle":ABSDIR} + SCM_RIGHTS [stdout, stderr]
+    {"op":"create","seq":N,"id":ID,"bundle":ABSDIR}
+            + SCM_RIGHTS [stdout, stderr] or [stdout, stderr, stdout-read, stderr-read]
         -> {"op":"created","seq":N,"id":ID,"pid":PID}
          | {"op":"error","seq":N,"id":ID,"msg":TEXT}
-    {"op":"list","seq":N}      -> {"op":"list","seq":N,"containers":[{"id":ID,"pid":PID}]}
+    {"op":"list","seq":N}      -> {"op":"list","seq":N,"containers":[{"id":ID,"pid":PID}],
+                                   "creating":[ID]}  (creates in progress)
+    {"op":"attach","seq":N,"id":ID}
+        -> {"op":"attached","seq":N,"id":ID} + SCM_RIGHTS [stdout-read, stderr-read]
+         | {"op":"error",...}  (the helper holds no read ends for ID)
     {"op":"ping","seq":N}      -> {"op":"pong","seq":N,"pid":HELPER_PID}
     {"op":"shutdown","seq":N}  -> {"op":"ok","seq":N}; the helper exits once nothing runs
-    {"op":"ack","eseq":E}      (no reply) the client has every event up to E
+    {"op":"ack","eseq":E}      (no reply) the client has handled event E (and saved what it
+                               learnt): the helper forgets it
 
 Events (no `seq`):
 
@@ -30,8 +36,17 @@ Events (no `seq`):
 `created` is sent once the creator child has exited, so that the init is by then the
 helper's child: its exit cannot go unseen. Events are kept until acknowledged, and sent
 again, in order, to the next client when the connection is lost before the ack: an exit is
-not lost because the daemon was restarting. Replies are for the connection that asked; a
-reply whose connection is gone is dropped (a new client finds the container with `list`).
+not lost because the daemon was restarting. Acks name one event each (a daemon handles its
+containers' exits in any order, and acks an exit only once it has recorded it).
+
+When the client passes the read ends of the container's stdout/stderr pipes too, the helper
+keeps them (it never reads them) until the container's exit event is acked: a restarting
+daemon does not close the last reader, so the container gets no SIGPIPE, and the new daemon
+takes the pipes back with `attach` (what was written meanwhile waits in the pipe, up to its
+capacity; then the writer blocks until a daemon reads again).
+
+Replies are for the connection that asked; a reply whose connection is gone is dropped (a new
+client finds the container with `list`).
 
 One client at a time: a connection becomes *the* client with its first datagram, which closes
 the previous client. Connecting alone replaces nobody, so that probing the socket (a second
@@ -175,14 +190,16 @@ def _create_and_start(root: Root, cid: str, bundle: str) -> dict[str, Any]:
 class _Create:
     """One create in progress: its creator child and the read end of its result pipe."""
 
-    __slots__ = ("buf", "cid", "conn", "creator", "rfd", "seq")
+    __slots__ = ("buf", "cid", "conn", "creator", "logs", "rfd", "seq")
 
-    def __init__(self, creator: int, seq: Any, cid: str, rfd: int, conn: socket.socket) -> None:
+    def __init__(self, creator: int, seq: Any, cid: str, rfd: int, conn: socket.socket,
+                 logs: tuple[int, int] | None) -> None:
         self.creator = creator
         self.seq = seq
         self.cid = cid
         self.rfd = rfd
         self.conn = conn
+        self.logs = logs  # our copies of the pipes' read ends, kept if the create succeeds
         self.buf = b""
 
 
@@ -202,8 +219,11 @@ class Helper:
         self.root = root
         self.client: socket.socket | None = None
         self.pending: list[socket.socket] = []  # connected, not yet the client
-        self.outbox: collections.deque[bytes] = collections.deque()
+        # what to send to the client: a datagram, or a datagram and the fds that go with it
+        self.outbox: collections.deque[bytes | tuple[bytes, list[int]]] = collections.deque()
         self.events: collections.OrderedDict[int, bytes] = collections.OrderedDict()
+        self.event_ids: dict[int, str] = {}  # eseq of an exit event -> container id
+        self.logs: dict[str, tuple[int, int]] = {}  # id -> read ends of stdout, stderr
         self.eseq = 0
         self.creates: dict[int, _Create] = {}  # by creator pid
         self.inits: dict[str, int] = {}  # id -> init pid
@@ -375,8 +395,13 @@ class Helper:
 
     def flush(self) -> None:
         while self.client is not None and self.outbox:
+            item = self.outbox[0]
             try:
-                self.client.send(self.outbox[0])
+                if isinstance(item, bytes):
+                    self.client.send(item)
+                else:
+                    self.client.sendmsg([item[0]], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                                     struct.pack(f"{len(item[1])}i", *item[1]))])
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
@@ -384,7 +409,9 @@ class Helper:
                 return
             self.outbox.popleft()
 
-    def reply(self, conn: socket.socket, msg: dict[str, Any]) -> None:
+    def reply(self, conn: socket.socket, msg: dict[str, Any], fds: list[int] | None = None
+              ) -> None:
+        """Reply to `conn` (if it is still the client), with `fds` passed along if given."""
         if conn is not self.client:
             _log(f"dropped a reply for a closed connection: {msg}")
             return
@@ -392,16 +419,32 @@ class Helper:
         if len(data) > MAX_REPLY:
             data = json.dumps({"op": "error", "seq": msg.get("seq"),
                                "msg": f"reply too large ({len(data)} bytes)"}).encode()
-        self.send(data)
+            fds = None
+        if self.client is not None:
+            self.outbox.append((data, fds) if fds else data)
+            self.flush()
 
     def event(self, msg: dict[str, Any]) -> None:
         self.eseq += 1
         data = json.dumps({"op": msg["op"], "eseq": self.eseq, **msg}).encode()
         self.events[self.eseq] = data
+        if msg["op"] == "exit":
+            self.event_ids[self.eseq] = msg["id"]
         while len(self.events) > MAX_UNACKED_EVENTS:
-            _, lost = self.events.popitem(last=False)
+            eseq, lost = self.events.popitem(last=False)
+            self.forget_event(eseq)
             _log(f"too many unacknowledged events; dropped {lost.decode()}")
         self.send(data)
+
+    def forget_event(self, eseq: int) -> None:
+        """Event `eseq` is handled: once a container's exit is, its pipes are not ours."""
+        cid = self.event_ids.pop(eseq, None)
+        if cid is not None and cid not in self.inits:
+            self.close_logs(cid)
+
+    def close_logs(self, cid: str) -> None:
+        for fd in self.logs.pop(cid, ()):
+            os.close(fd)
 
     # -- requests ----------------------------------------------------------------------------
     def request(self, conn: socket.socket, data: bytes, fds: list[int]) -> None:
@@ -415,15 +458,23 @@ class Helper:
             return
         op, seq = msg.get("op"), msg.get("seq")
         if op == "ack":
-            upto = msg.get("eseq")
-            if isinstance(upto, int):
-                while self.events and next(iter(self.events)) <= upto:
-                    self.events.popitem(last=False)
+            eseq = msg.get("eseq")
+            if isinstance(eseq, int) and self.events.pop(eseq, None) is not None:
+                self.forget_event(eseq)
+        elif op == "attach":
+            cid = msg.get("id")
+            logs = self.logs.get(cid) if isinstance(cid, str) else None
+            if logs is None:
+                self.reply(conn, {"op": "error", "seq": seq, "id": cid,
+                                  "msg": f"no pipes kept for container {cid!r}"})
+            else:
+                self.reply(conn, {"op": "attached", "seq": seq, "id": cid}, list(logs))
         elif op == "ping":
             self.reply(conn, {"op": "pong", "seq": seq, "pid": os.getpid()})
         elif op == "list":
             self.reply(conn, {"op": "list", "seq": seq, "containers": [
-                {"id": cid, "pid": pid} for cid, pid in self.inits.items()]})
+                {"id": cid, "pid": pid} for cid, pid in self.inits.items()],
+                "creating": [c.cid for c in self.creates.values()]})
         elif op == "shutdown":
             self.shutting_down = True
             _log("shutdown requested")
@@ -447,8 +498,9 @@ class Helper:
             return str(e)
         if not isinstance(bundle, str) or not os.path.isabs(bundle):
             return f"create {cid}: bundle must be an absolute path, not {bundle!r}"
-        if len(fds) != 2:
-            return f"create {cid}: expected 2 fds (stdout, stderr), got {len(fds)}"
+        if len(fds) not in (2, 4):
+            return (f"create {cid}: expected 2 fds (stdout, stderr) or 4 (and their pipes' "
+                    f"read ends), got {len(fds)}")
         if self.shutting_down:
             return f"create {cid}: the helper is shutting down"
         if cid in self.inits or any(c.cid == cid for c in self.creates.values()):
@@ -465,7 +517,8 @@ class Helper:
             self.creator(cid, bundle, fds, rfd, wfd)
         os.close(wfd)
         os.set_blocking(rfd, False)
-        self.creates[pid] = _Create(pid, msg.get("seq"), cid, rfd, conn)
+        logs = (os.dup(fds[2]), os.dup(fds[3])) if len(fds) == 4 else None  # close-on-exec
+        self.creates[pid] = _Create(pid, msg.get("seq"), cid, rfd, conn, logs)
         return None
 
     def creator(self, cid: str, bundle: str, fds: list[int], rfd: int, wfd: int) -> NoReturn:
@@ -530,6 +583,9 @@ class Helper:
                 result = {"ok": False, "msg": f"unreadable result {c.buf[:200]!r}"}
         if result.get("ok"):
             pid = int(result["pid"])
+            if c.logs is not None:
+                self.close_logs(c.cid)  # an earlier run's, if its exit is still unacked
+                self.logs[c.cid] = c.logs
             self.inits[c.cid] = pid
             self.init_ids[pid] = c.cid
             _log(f"created {c.cid}, init pid {pid}")
@@ -537,6 +593,8 @@ class Helper:
             if pid in self.early:  # reaped before its creator (see reap)
                 self.init_exited(pid, self.early.pop(pid))
             return
+        for fd in c.logs or ():
+            os.close(fd)
         if result:
             msg = str(result.get("msg") or "create failed")
         else:

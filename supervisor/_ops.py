@@ -56,7 +56,7 @@ def _exit_json(sup: ContainerSupervisor) -> dict[str, Any] | None:
     cause = sup.last_exit
     if cause is None:
         return None
-    return {**attrs.asdict(cause), "description": cause.describe()}
+    return {**cause.to_json(), "description": cause.describe()}
 
 
 def _spec_json(sup: ContainerSupervisor) -> dict[str, Any]:
@@ -364,7 +364,7 @@ def render_metrics(sups: dict[str, ContainerSupervisor], stats: dict[str, dict[s
             out.append(f'corral_container_state{{container="{_label(n)}",state="{state}"}} '
                        f"{int(sup.state == state)}")
     family("corral_container_restarts_total", "counter",
-           "Restarts by the restart policy since the container's task started.")
+           "Starts after the first since the container's supervisor began.")
     for n, sup in sups.items():
         out.append(f'corral_container_restarts_total{{container="{_label(n)}"}} '
                    f"{max(sup.starts - 1, 0)}")

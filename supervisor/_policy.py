@@ -33,7 +33,7 @@ from __future__ import annotations
 import collections
 import random
 import signal as _signal
-from typing import TYPE_CHECKING, Literal, TypeAlias
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 import attrs
 
@@ -53,8 +53,10 @@ class ExitCause:
     Build it with `exited`, `killed`, `oom_killed` or `from_returncode`.
 
     Attributes:
-        kind: ``"exit"`` (it exited with `code`), ``"signal"`` (killed by `signal`) or
-            ``"oom"`` (the kernel's OOM killer ended it).
+        kind: ``"exit"`` (it exited with `code`), ``"signal"`` (killed by `signal`),
+            ``"oom"`` (the kernel's OOM killer ended it) or ``"unknown"`` (it ended while
+            corrald had lost its namespace helper, the only process that could read its
+            status: a failure for the policy).
         code: the exit status, 0..255, for ``"exit"``.
         signal: the signal number, for ``"signal"``; for ``"oom"``, the signal the process
             died of when known (SIGKILL).
@@ -67,7 +69,7 @@ class ExitCause:
         'killed by SIGKILL (signal 9)'
     """
 
-    kind: Literal["exit", "signal", "oom"]
+    kind: Literal["exit", "signal", "oom", "unknown"]
     code: int | None = None
     signal: int | None = None
     oom_level: str | None = None
@@ -95,6 +97,12 @@ class ExitCause:
         return cls("oom", signal=signum, oom_level=level)
 
     @classmethod
+    def unknown(cls) -> ExitCause:
+        """The process ended and nobody could read its status (its parent, the helper, was
+        gone): a failure, as on-failure must not give up on it."""
+        return cls("unknown")
+
+    @classmethod
     def from_returncode(cls, returncode: int) -> ExitCause:
         """From ``trio.Process.returncode`` / ``subprocess`` style: negative is a signal.
 
@@ -114,7 +122,30 @@ class ExitCause:
             return f"exited with code {self.code}"
         if self.kind == "signal":
             return f"killed by {_signal_name(self.signal)}"
+        if self.kind == "unknown":
+            return "ended while its parent was gone (exit status unknown)"
         return f"OOM-killed ({self.oom_level})" if self.oom_level else "OOM-killed"
+
+    def to_json(self) -> dict[str, Any]:
+        """A dict for corrald's records; `from_json` reads it back."""
+        return {"kind": self.kind, "code": self.code, "signal": self.signal,
+                "oom_level": self.oom_level}
+
+    @classmethod
+    def from_json(cls, data: Any) -> ExitCause:
+        """Read `to_json`'s dict back.
+
+        Raises:
+            ValueError: not such a dict (a damaged record).
+        """
+        if not isinstance(data, dict) or data.get("kind") not in ("exit", "signal", "oom",
+                                                                  "unknown"):
+            raise ValueError(f"not an exit cause: {data!r}")
+        code, sig, level = data.get("code"), data.get("signal"), data.get("oom_level")
+        if not all(v is None or isinstance(v, int) for v in (code, sig)) or not (
+                level is None or isinstance(level, str)):
+            raise ValueError(f"not an exit cause: {data!r}")
+        return cls(data["kind"], code=code, signal=sig, oom_level=level)
 
 
 def _signal_name(signum: int | None) -> str:
@@ -232,6 +263,41 @@ class RestartState:
         self._step = 0
         self._retries = 0
         self.stopped_by_user = False
+
+    def snapshot(self, now: float) -> dict[str, Any]:
+        """What a restarted daemon needs to go on counting (`restore`), with every time as
+        seconds before `now`: the clock (``trio.current_time()``) does not survive a
+        restart, durations do."""
+        return {"starts_ago": [now - t for t in self._starts],
+                "running_for": None if self._started_at is None else now - self._started_at,
+                "step": self._step, "retries": self._retries,
+                "stopped_by_user": self.stopped_by_user}
+
+    @classmethod
+    def restore(cls, spec: RestartSpec, data: Any, now: float,
+                rng: random.Random | None = None) -> RestartState:
+        """A state from `snapshot`'s dict, taken `now` on this daemon's clock (the time of
+        the snapshot, shifted by how long ago it was written).
+
+        Raises:
+            ValueError: not such a dict (a damaged record).
+        """
+        try:
+            ago = [float(t) for t in data["starts_ago"]]
+            running = data["running_for"]
+            step, retries = int(data["step"]), int(data["retries"])
+            stopped = data["stopped_by_user"]
+            if running is not None:
+                running = float(running)
+            if not isinstance(stopped, bool) or step < 0 or retries < 0:
+                raise ValueError("bad values")
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"not a restart state: {data!r} ({e})") from None
+        state = cls(spec, rng or random.Random(), stopped)
+        state._starts.extend(now - t for t in ago)
+        state._started_at = None if running is None else now - running
+        state._step, state._retries = step, retries
+        return state
 
     def start_limit_hit(self, at: float) -> bool:
         """Whether a start at time `at` would be more than ``start_limit_burst`` starts within

@@ -17,7 +17,9 @@ import ctypes
 import ctypes.util
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -647,3 +649,151 @@ def cf() -> Any:
 def host_ns() -> Callable[[str], str]:
     """readlink of the test process's own namespace of a type, e.g. host_ns("net")."""
     return lambda kind: os.readlink(f"/proc/self/ns/{kind}")
+
+
+# --------------------------------------------------------------------------------------------
+# corrald under test (tests/test_daemon.py and the other daemon tests)
+# --------------------------------------------------------------------------------------------
+
+DAEMON_TIMEOUT = 20.0
+
+
+class Corrald:
+    """One corrald subprocess and its files."""
+
+    def __init__(self, rt: Runtime, tmp: Path, cf: Any) -> None:
+        self.rt, self.cf = rt, cf
+        self.conf = tmp / "containers.d"
+        self.logs = tmp / "logs"
+        self.ctl = tmp / "ctl"
+        self.err = tmp / "corrald.err"
+        self.conf.mkdir()
+        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self.notify.bind(str(tmp / "notify.sock"))
+        self.notify_path = str(tmp / "notify.sock")
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.names: list[str] = []
+        self.daemon_config: str | None = None  # corrald.toml's text for every start
+        self._run_from = 0  # where the current daemon's part of `err` begins
+
+    def add(self, command: str, *sections: str, memory: str | None = None) -> str:
+        """Write a container file running ``sh -c COMMAND``; returns its name."""
+        name = self.rt.new_id()
+        self.names.append(name)
+        argv = json.dumps(["sh", "-c", command])
+        text = f'[container]\nrootfs = "{self.rt.rootfs}"\ncommand = {argv}\n'
+        if memory:
+            text += f'[resources]\nmemory = "{memory}"\n'
+        text += "".join(s.strip() + "\n" for s in sections)
+        (self.conf / f"{name}.toml").write_text(text)
+        return name
+
+    def add_as(self, name: str, command: str, *sections: str) -> None:
+        """Rewrite container `name`'s file with another command (for reload tests)."""
+        argv = json.dumps(["sh", "-c", command])
+        text = f'[container]\nrootfs = "{self.rt.rootfs}"\ncommand = {argv}\n'
+        text += "".join(s.strip() + "\n" for s in sections)
+        (self.conf / f"{name}.toml").write_text(text)
+
+    def start(self, env: Mapping[str, str] | None = None, wait_ready: bool = True,
+              daemon_config: str | None = None) -> None:
+        """Start corrald (again: its stderr is appended to `err`) and wait for READY=1.
+
+        `env` is added to the environment (e.g. CORRALD_FAULT); `daemon_config` is the text
+        of a corrald.toml to pass with --config (default: the `daemon_config` attribute)."""
+        daemon_config = daemon_config if daemon_config is not None else self.daemon_config
+        env = {**os.environ, "NOTIFY_SOCKET": self.notify_path, **(env or {})}
+        argv = [sys.executable, "-m", "corral.supervisor._main", "--config-dir", str(self.conf),
+                "--root", str(self.rt.state_root), "--log-dir", str(self.logs),
+                "--socket", str(self.ctl / "corrald.sock")]
+        if daemon_config is not None:
+            path = self.conf.parent / "corrald.toml"
+            path.write_text(daemon_config)
+            argv += ["--config", str(path)]
+        self.notify.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            while True:  # what an earlier daemon sent (a READY=1 after a reload) is stale
+                self.notify.recv(4096)
+        self._run_from = self.err.stat().st_size if self.err.exists() else 0
+        with open(self.err, "ab") as err:
+            self.proc = self.cf.spawn(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                      stderr=err, env=env, cwd="/")
+        if not wait_ready:
+            return
+        self.notify.settimeout(DAEMON_TIMEOUT)
+        while True:
+            msg = self.notify.recv(4096).decode()
+            if "READY=1" in msg:
+                assert "STATUS=" in msg
+                return
+
+    def kill9(self) -> None:
+        """SIGKILL the daemon (a crash) and reap it."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.cf.wait_tracked(self.proc, DAEMON_TIMEOUT)
+
+    def helper_pids(self) -> list[int]:
+        """Every namespace helper pid any of the daemons started so far logged."""
+        text = self.text if self.err.exists() else ""
+        return sorted({int(p) for p in re.findall(r"namespace helper \(?pid (\d+)", text)})
+
+    @property
+    def text(self) -> str:
+        return self.err.read_text(errors="replace")
+
+    @property
+    def run_text(self) -> str:
+        """What the current (last started) daemon wrote."""
+        with open(self.err, "rb") as f:
+            f.seek(self._run_from)
+            return f.read().decode(errors="replace")
+
+    def log_of(self, name: str) -> str:
+        """Container `name`'s log file, or "" before it exists."""
+        path = self.logs / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def wait_for(self, pattern: str, timeout: float = DAEMON_TIMEOUT,
+                 source: Callable[[], str] | None = None) -> re.Match[str]:
+        """The first match of `pattern` in corrald's stderr (all runs), or in `source()`."""
+        read = source or (lambda: self.text)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            m = re.search(pattern, read())
+            if m:
+                return m
+            if source is None and self.proc is not None and self.proc.poll() is not None:
+                break
+            time.sleep(0.02)
+        pytest.fail(f"no {pattern!r} in {'corrald' if source is None else 'the source'}:\n"
+                    f"{read()}\n--- corrald:\n{self.text}")
+
+    def terminate(self, timeout: float = DAEMON_TIMEOUT) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return int(self.cf.wait_tracked(self.proc, timeout))
+
+    def cleanup(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(Exception):
+                self.cf.wait_tracked(self.proc, 0.01)
+        for name in self.names:
+            with contextlib.suppress(Exception):
+                self.cf.run_cmd(self.rt.argv("delete", "--force", name), timeout=15)
+        for pid in self.helper_pids():
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        for d in ("bundles", "corrald"):
+            if (self.rt.state_root / d).exists():
+                subprocess.run(["rm", "-rf", str(self.rt.state_root / d)], check=False)
+        self.notify.close()
+
+
+@pytest.fixture
+def corrald(rt: Runtime, tmp_path: Path, cf: Any) -> Iterator[Corrald]:
+    d = Corrald(rt, tmp_path, cf)
+    try:
+        yield d
+    finally:
+        d.cleanup()

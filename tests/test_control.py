@@ -1,17 +1,16 @@
 """corrald's control socket and corralctl against a live daemon, as root.
 
-The daemon runs as in test_daemon.py (its `Corrald` helper, loaded from that file: with
---import-mode=importlib a test module cannot import another), with its control socket at
-``tmp/ctl/corrald.sock``. corralctl runs as the console script next to the interpreter, and
-as ``nobody`` from a copy of its source file with Debian's /usr/bin/python3 (it needs only the
-standard library; the venv's interpreter lives under /root, which nobody cannot enter), with
-curl for the raw HTTP checks. Every wait is bounded; no assertion is about time.
+The daemon runs as in test_daemon.py (conftest's `corrald` harness), with its control
+socket at ``tmp/ctl/corrald.sock``. corralctl runs as the console script next to the
+interpreter, and as ``nobody`` from a copy of its source file with Debian's /usr/bin/python3
+(it needs only the standard library; the venv's interpreter lives under /root, which nobody
+cannot enter), with curl for the raw HTTP checks. Every wait is bounded; no assertion is
+about time.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import re
@@ -28,13 +27,6 @@ from typing import Any
 
 import pytest
 
-_spec = importlib.util.spec_from_file_location(
-    "_corral_test_daemon", Path(__file__).with_name("test_daemon.py"))
-assert _spec is not None
-assert _spec.loader is not None
-_td = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_td)
-
 REPO = Path(__file__).resolve().parent.parent
 CTL = str(Path(sys.executable).parent / "corralctl")
 CTL_SOURCE = str(REPO / "supervisor" / "_ctl.py")
@@ -45,29 +37,20 @@ NOBODY = 65534
 LOOP = "trap 'exit 0' TERM; i=0; while :; do echo line $i; i=$((i+1)); sleep 0.05; done"
 
 
-class Ctl(_td.Corrald):  # type: ignore[misc,name-defined]
-    """A corrald with a control socket, and corralctl to drive it."""
+class Ctl:
+    """conftest's corrald harness (`d`, its attributes reachable here), and corralctl."""
 
-    def __init__(self, rt: Any, tmp: Path, cf: Any) -> None:
-        super().__init__(rt, tmp, cf)
-        self.tmp = tmp
-        self.sock = str(self.ctl / "corrald.sock")
-        self.daemon_conf: Path | None = None
+    def __init__(self, d: Any) -> None:
+        self.d = d
+        self.tmp: Path = d.conf.parent
+        self.sock = str(d.ctl / "corrald.sock")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.d, name)
 
     def start_with(self, **settings: str) -> None:
         """Start with a corrald.toml holding `settings` (socket_group...)."""
-        self.daemon_conf = self.tmp / "corrald.toml"
-        self.daemon_conf.write_text("".join(f'{k} = "{v}"\n' for k, v in settings.items()))
-        orig = self.cf.spawn
-
-        def spawn(argv: list[str], **kw: Any) -> Any:
-            return orig([*argv, "--config", str(self.daemon_conf)], **kw)
-
-        self.cf = _Patched(self.cf, spawn)
-        try:
-            self.start()
-        finally:
-            self.cf = self.cf.inner
+        self.d.start(daemon_config="".join(f'{k} = "{v}"\n' for k, v in settings.items()))
 
     def run(self, *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
         res = self.cf.run_cmd([CTL, "--socket", self.sock, *args], timeout=60)
@@ -116,26 +99,15 @@ class Ctl(_td.Corrald):  # type: ignore[misc,name-defined]
         return str(copy)
 
 
-class _Patched:
-    """The conftest module with `spawn` replaced (to add corrald's --config)."""
-
-    def __init__(self, inner: Any, spawn: Any) -> None:
-        self.inner, self.spawn = inner, spawn
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-
 @pytest.fixture
-def ctl(rt: Any, tmp_path: Path, cf: Any) -> Iterator[Ctl]:
-    d = Ctl(rt, tmp_path, cf)
+def ctl(corrald: Any) -> Iterator[Ctl]:
+    c = Ctl(corrald)
     try:
-        yield d
-    finally:
+        yield c
+    finally:  # then the harness's own cleanup
         with contextlib.suppress(Exception):
-            if d.proc is not None and d.proc.poll() is None:
-                d.terminate()
-        d.cleanup()
+            if corrald.proc is not None and corrald.proc.poll() is None:
+                corrald.terminate()
 
 
 def _curl(*args: str) -> list[str]:

@@ -208,7 +208,7 @@ GOOD_C = 'rootfs = "/r"\ncommand = ["/bin/true"]\n'
 
 BAD = [
     # (file body, the key the error names, a piece of the problem)
-    (MIN + "[network]\nmode = 'host'\n", "network", "unknown section"),
+    (MIN + "[volumes]\nmode = 'host'\n", "volumes", "unknown section"),
     ('rootfs = "/r"\n' + MIN, "rootfs", "outside a section"),
     (MIN + 'restart = "always"\n', "container.restart", "unknown key"),
     ("[restart]\npolicy = 'always'\n", "container", "required"),
@@ -421,7 +421,7 @@ def test_daemon_socket_group_gid(tmp_path):
 @pytest.mark.parametrize(("text", "key", "problem"), [
     ('root = "run/corral"\n', "root", "absolute"),
     ("live_restore = 1\n", "live_restore", "true or false"),
-    ('[network]\nmode = "x"\n', "network", "unknown key"),
+    ('[network]\nmode = "x"\n', "network.mode", "unknown key"),
     ('sockets = "/s"\n', "sockets", "unknown key"),
     (f'socket = "/{"s" * 120}"\n', "socket", "unix socket"),
     (f'root = "/{"r" * 100}"\n', "socket", "unix socket"),

@@ -325,3 +325,54 @@ def test_exit_cause_describe_and_constructors():
 def test_exit_cause_refuses_impossible_values(kind, code, sig):
     with pytest.raises(ValueError, match="needs"):
         ExitCause(kind, code=code, signal=sig)
+
+
+# --- persistence across a daemon restart (issue 7) -----------------------------------------
+
+
+def test_snapshot_and_restore_keep_retries_backoff_and_the_start_limit() -> None:
+    spec = RestartSpec(policy="on-failure", max_retries=3, backoff_jitter=0.0,
+                       start_limit_burst=3, start_limit_interval=10.0)
+    before = RestartState(spec)
+    t = 100.0
+    for _ in range(2):
+        before.on_start(t)
+        t += 1
+        assert isinstance(before.on_exit(t, ExitCause.exited(1)), RestartAfter)
+    before.on_start(t)
+    snap = before.snapshot(t + 0.5)  # saved half a second into the third run
+    # A new daemon whose clock reads 5000 when the snapshot's moment was 2 s ago.
+    after = RestartState.restore(spec, snap, 5000.0 - 2.0)
+    assert after.restarts == before.restarts == 2
+    assert after.started_at == pytest.approx(5000.0 - 2.5)
+    # The third exit: one retry left by count, but the start limit (3 in 10 s) already
+    # holds three starts, the earliest 2 + 2.5 s before now: fatal, as without the restart.
+    assert isinstance(after.on_exit(5000.0, ExitCause.exited(1)), Fatal)
+    same = RestartState(spec)
+    for s in (100.0, 101.0, 102.0):
+        same.on_start(s)
+        if s < 102.0:
+            same.on_exit(s + 1, ExitCause.exited(1))
+    assert isinstance(same.on_exit(102.0 + 2.5, ExitCause.exited(1)), Fatal)
+
+
+@pytest.mark.parametrize("bad", [None, [], {}, {"starts_ago": "x"},
+                                 {"starts_ago": [], "running_for": None, "step": -1,
+                                  "retries": 0, "stopped_by_user": False},
+                                 {"starts_ago": [1.0], "running_for": "long", "step": 0,
+                                  "retries": 0, "stopped_by_user": False},
+                                 {"starts_ago": [], "running_for": None, "step": 0,
+                                  "retries": 0, "stopped_by_user": "yes"}])
+def test_restore_refuses_a_damaged_snapshot(bad: object) -> None:
+    with pytest.raises(ValueError, match="not a restart state"):
+        RestartState.restore(PLAIN, bad, 0.0)
+
+
+def test_exit_cause_round_trips_and_unknown_is_a_failure() -> None:
+    for cause in (ExitCause.exited(3), ExitCause.killed(9), ExitCause.oom_killed("x"),
+                  ExitCause.unknown()):
+        assert ExitCause.from_json(cause.to_json()) == cause
+    assert not ExitCause.unknown().is_success()
+    assert "status unknown" in ExitCause.unknown().describe()
+    with pytest.raises(ValueError, match="not an exit cause"):
+        ExitCause.from_json({"kind": "exit", "code": "3"})
