@@ -295,6 +295,25 @@ def test_an_oom_kill_shows_in_status_events_and_metrics(ctl: Ctl) -> None:
     assert ctl.terminate() == 0
 
 
+@pytest.mark.root
+def test_an_adopted_container_keeps_its_pid_and_uptime_and_a_stale_socket_is_replaced(
+        ctl: Ctl) -> None:
+    name = ctl.add(LOOP)
+    ctl.start()
+    before = ctl.wait_state(name, "running")
+    ctl.kill9()  # a crash: the socket file stays behind
+    assert os.path.exists(ctl.sock)
+    res = ctl.run("list", ok=False)
+    assert res.returncode == 1
+    assert f"corrald is not running: nothing listens on {ctl.sock}" in res.stderr
+    ctl.start()
+    after = ctl.wait_state(name, "running")
+    assert after["pid"] == before["pid"]  # adopted, not restarted
+    assert after["uptime"] >= before["uptime"]  # counted from the process's own start
+    assert ctl.json("status", name)["stats"]["pids"]["current"] >= 1
+    assert ctl.terminate() == 0
+
+
 # --- logs and events ----------------------------------------------------------------------
 
 
