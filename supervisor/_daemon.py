@@ -684,6 +684,7 @@ class Daemon:
         async with contextlib.AsyncExitStack() as locks:
             for name in sorted({*plan.added, *plan.removed, *plan.changed}):
                 await locks.enter_async_context(self.lock(name))
+            down = {n for n in plan.changed if self.kept_down(n)}  # before the stops below
             async with trio.open_nursery() as nursery:
                 for name in (*plan.removed, *plan.changed):
                     nursery.start_soon(self.supervisors[name].stop_and_wait)
@@ -692,8 +693,9 @@ class Daemon:
                 self.user_stopped.discard(name)
                 await _thread(self.ctx.limiter, _records.remove, self.ctx.root.path, name)
             for name in (*plan.added, *plan.changed):
-                if name in self.user_stopped:
-                    self.supervisors[name] = self._parked(new[name])
+                if name in down:
+                    self.supervisors[name] = sup = self._parked(new[name])
+                    await sup.save()  # its new digest: a daemon restart keeps it down too
                 else:
                     await self.start(new[name])
         self.ctx.events.add("reload", added=plan.added, removed=plan.removed,
@@ -705,10 +707,19 @@ class Daemon:
         """The lock that orders user operations and reloads on one container."""
         return self._locks.setdefault(name, trio.Lock())
 
+    def kept_down(self, name: str) -> bool:
+        """Whether the user stopped `name` (by the control socket, or before a daemon
+        restart, by its record) and it has not been started since: a reload leaves it so."""
+        sup = self.supervisors.get(name)
+        return name in self.user_stopped or (
+            sup is not None and sup.done.is_set() and sup.state == "stopped"
+            and sup.restart.stopped_by_user)
+
     def _parked(self, spec: ContainerSpec) -> ContainerSupervisor:
         """A supervisor that is not started: a stopped container's new spec."""
         sup = ContainerSupervisor(spec, self.ctx)
         sup.reason = "stopped by the user"
+        sup.restart.stopped_by_user = True
         sup.first_attempt.set()
         sup.done.set()
         return sup

@@ -239,7 +239,7 @@ class DaemonBackend:
             source=sup.spec.source,
             oom_kills=sup.oom_kills,
             restarts_in_a_row=sup.restart.restarts,
-            stopped_by_user=sup.name in self.daemon.user_stopped,
+            stopped_by_user=self.daemon.kept_down(sup.name),
             log=os.path.join(self.daemon.ctx.log_dir, f"{sup.name}.log"),
             stats=None,
         )
@@ -325,8 +325,7 @@ class DaemonBackend:
             "dry_run": dry_run,
             "added": plan.added, "removed": plan.removed, "changed": plan.changed,
             "unchanged": plan.unchanged,
-            "stay_stopped": sorted(n for n in (*plan.added, *plan.changed)
-                                   if n in daemon.user_stopped),
+            "stay_stopped": sorted(n for n in plan.changed if daemon.kept_down(n)),
             "errors": daemon.load_errors,
         }
 
