@@ -221,6 +221,29 @@ def test_stop_start_restart_and_a_reload_keeps_a_stopped_container_down(ctl: Ctl
 
 
 @pytest.mark.root
+def test_a_user_stop_outlives_a_daemon_restart_and_a_reload(ctl: Ctl) -> None:
+    policy = '[restart]\npolicy = "unless-stopped"'
+    name = ctl.add(LOOP, policy)
+    ctl.start()
+    ctl.wait_state(name, "running")
+    ctl.run("stop", name)
+    assert ctl.terminate() == 0
+    ctl.start()
+    assert ctl.entry(name)["state"] == "stopped"  # unless-stopped, as in Docker
+    res = ctl.run("status", name, "--json", ok=False)
+    assert res.returncode == 3
+    assert json.loads(res.stdout)["stopped_by_user"] is True
+    ctl.add_as(name, f"echo changed; {LOOP}", policy)
+    plan = ctl.json("reload")
+    assert (plan["changed"], plan["stay_stopped"]) == ([name], [name])
+    assert ctl.entry(name)["state"] == "stopped"
+    ctl.run("start", name)
+    ctl.wait_for(rf"{name}: state starting -> running", source=lambda: ctl.run_text)
+    assert ctl.entry(name)["state"] == "running"
+    assert ctl.terminate() == 0
+
+
+@pytest.mark.root
 def test_start_during_backoff_restarts_at_once(ctl: Ctl) -> None:
     name = ctl.add("sleep 0.2; exit 1",
                    '[restart]\npolicy = "on-failure"\nbackoff_initial = "1h"\n'
