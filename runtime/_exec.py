@@ -1,29 +1,38 @@
 """`exec`: run another process in a running container.
 
 The runtime forks a joiner, puts it in the container's cgroup(s), and sends it the process
-to run. The joiner (non-dumpable from its first instruction: it is the host's Python, and the
-container must never reach its /proc/PID/exe or memory, the CVE-2019-5736 class) opens the
-init's namespaces, prepares what must be loaded from the host (the seccomp filter), joins the
-user namespace first and the mount namespace last, and forks: joining a pid namespace only
-applies to children. The child, now inside every namespace, sets up its terminal, working
-directory, rlimits, privileges and seccomp filter (the container's, or the one in
---process), and execs; the end of file on the shared socket (it is
-close-on-exec) tells the runtime the exec happened, and an error message that it did not.
+to run. The joiner (non-dumpable from its first instruction: it is the host's Python) opens
+the init's namespaces, prepares what must be loaded from the host (the seccomp filter, the
+memfd for the exec stub), joins the user namespace first and the mount namespace last, and
+sets the process up: terminal, working directory, rlimits, privileges, the seccomp filter
+when it must be loaded before the drop. Joining a pid namespace only applies to children,
+so the joiner itself is never visible inside. It then execs the exec stub
+(runtime/_stub.py), which forks: the child, born in the container's pid namespace, makes a
+session (and the terminal its controlling one), loads the filter with no_new_privs and
+execs; so what the container can see is never the host's Python (the CVE-2019-5736 class).
+The end of file on the shared socket (close-on-exec in the child) tells the runtime the
+exec happened. Where there is no stub, a Python child does the stub's part.
 
 Messages (JSON, one per datagram, as in _init):
   runtime -> joiner: {"type": "exec", ...}       the process and the namespaces to join
   joiner  -> runtime: {"type": "pid", "pid": N}  the pid of the process that will exec
   any     -> runtime: {"type": "error", "msg": ...}
+and from the stub, binary datagrams (runtime/_stub.py: PID, FAILURE):
+  stub parent -> runtime: int32 pid               the child's pid, in the host's namespace
+  stub child  -> runtime: int32 step, int32 errno what failed; it exits 127
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 
+from . import _jsonfast as json
 from . import _linux as L
-from . import _sys
+from . import _stub, _sys
 from ._errors import ConfigError, CorralError
 from ._init import (
+    TIOCSCTTY,
     _apply_rlimits,
     _die,
     _lookup,
@@ -33,7 +42,7 @@ from ._init import (
     send,
     setup_terminal,
 )
-from ._seccomp import load_around, prepare  # light: ctypes only inside prepare()
+from ._seccomp import kernel_flags, load_around, prepare  # light: ctypes only in prepare()
 from ._spec import CAP_BITS, CAP_SETS, NAMESPACES, _validate_process
 from ._state import Root, proc_stat
 
@@ -140,7 +149,7 @@ def build_process(config: dict[str, Any], args: list[str], opts: ExecOptions) ->
 
 
 def _joiner(sock: _sys.Socket) -> NoReturn:
-    """Forked by the runtime: join the container, fork the process that execs."""
+    """Forked by the runtime: join the container, set the process up, exec the stub."""
     try:
         L.prctl(L.PR_SET_DUMPABLE, 0)  # first: from here on this is inside the container
         msg = recv(sock)
@@ -157,6 +166,14 @@ def _joiner(sock: _sys.Socket) -> NoReturn:
         filt = None
         if msg.get("seccomp"):
             filt = prepare(msg["seccomp"])  # loads libseccomp while host paths still resolve
+        stub = -1
+        if _stub.SUPPORTED:
+            try:
+                # Made before joining: in a user namespace its owner (the host's root) is
+                # unmapped, so nothing in there may ever read it.
+                stub = _stub.memfd()
+            except OSError:
+                pass  # the kernel refuses executable memfds: the Python path
         order = sorted(fds, key=lambda f: {"user": 0, "mount": 2}.get(f[0], 1))
         for typ, fd in order:
             L.setns(fd, NAMESPACES[typ][0])
@@ -164,35 +181,68 @@ def _joiner(sock: _sys.Socket) -> NoReturn:
         if any(t == "user" for t, _ in fds):
             os.setresgid(0, 0, 0)
             os.setresuid(0, 0, 0)
-        pid = os.fork()
-        if pid == 0:
-            _in_container(sock, msg, proc, filt)
-        send(sock, {"type": "pid", "pid": pid})
+        _setup_and_exec(sock, msg, proc, filt, stub)
     except BaseException as e:  # must end in _exit, never return
         _die(sock, e)
+
+
+def _setup_and_exec(sock: _sys.Socket, msg: dict[str, Any], proc: dict[str, Any],
+                    filt: Any, stub: int) -> NoReturn:
+    """In every namespace of the container but its pid namespace (it only applies to
+    children): set the process up, then exec the stub, which forks the process that appears
+    in the container. Only where there is no stub does Python fork that process itself."""
+    tty = bool(proc.get("terminal"))
+    if tty:
+        # The controlling terminal is set by the forked child, the new session's leader.
+        setup_terminal(proc, msg["console_fd"], bind_console=False, ctty=False)
+    cwd = proc.get("cwd") or "/"
+    try:
+        os.chdir(cwd)
+    except OSError as e:
+        raise CorralError(f"cwd {cwd}: {e.strerror}") from None
+    _apply_rlimits(proc)
+    path = _lookup(proc["args"][0], proc.get("env") or [], cwd)
+    nnp = bool(proc.get("noNewPrivileges"))
+    if stub >= 0:
+        _stub.fill(stub, _stub.image(
+            _stub.MODE_EXEC, sock.fileno(), 0, path, "corral-exec", tty=tty,
+            bpf=filt.bpf() if filt is not None and nnp else b"",
+            seccomp_flags=kernel_flags(msg["seccomp"]) if filt is not None else 0))
+    # Without no_new_privs, loading the filter needs CAP_SYS_ADMIN: before the drop, here;
+    # with it, in the child just before its execve (the stub's, or Python's below).
+    done = load_around(filt if not nnp else None, nnp,
+                       lambda: finalize_process(proc, msg["preserve_fds"]))
+    if stub >= 0:
+        try:
+            _stub.exec_stub(stub, proc["args"], done["env"], msg["preserve_fds"],
+                            (sock.fileno(),))
+        except OSError:
+            pass  # e.g. a filter refusing execveat: the Python path below still works
+        os.close(stub)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setsid()
+            if tty:
+                fcntl.ioctl(0, TIOCSCTTY, 0)
+            if filt is not None and nnp:
+                filt.load()
+            # The socket is close-on-exec: its end of file tells the runtime the exec
+            # happened.
+            exec_process(path, proc["args"], done["env"], msg["preserve_fds"])
+        except BaseException as e:
+            _die(sock, e)
+    send(sock, {"type": "pid", "pid": pid})
     os._exit(0)
 
 
-def _in_container(sock: _sys.Socket, msg: dict[str, Any], proc: dict[str, Any],
-                  filt: Any) -> NoReturn:
-    try:
-        os.setsid()
-        if proc.get("terminal"):
-            setup_terminal(proc, msg["console_fd"], bind_console=False)
-        cwd = proc.get("cwd") or "/"
-        try:
-            os.chdir(cwd)
-        except OSError as e:
-            raise CorralError(f"cwd {cwd}: {e.strerror}") from None
-        _apply_rlimits(proc)
-        path = _lookup(proc["args"][0], proc.get("env") or [], cwd)
-        # Without no_new_privs, loading the filter needs CAP_SYS_ADMIN: before the drop.
-        done = load_around(filt, bool(proc.get("noNewPrivileges")),
-                           lambda: finalize_process(proc, msg["preserve_fds"]))
-        # The socket is close-on-exec: its end of file tells the runtime the exec happened.
-        exec_process(path, proc["args"], done["env"], msg["preserve_fds"])
-    except BaseException as e:
-        _die(sock, e)
+def _stub_failure(raw: bytes, proc: dict[str, Any]) -> str:
+    """The error of the stub's {step, errno} datagram, naming the command."""
+    step, err = _stub.FAILURE.unpack(raw)
+    what = _stub.STEPS.get(step, f"step {step}")
+    if step == _stub.STEP_EXEC:
+        what = f"exec {proc['args'][0]!r}"
+    return f"exec failed: {what}: {os.strerror(err)}"
 
 
 def exec_container(root: Root, cid: str, args: list[str], opts: ExecOptions,
@@ -251,15 +301,26 @@ def exec_container(root: Root, cid: str, args: list[str], opts: ExecOptions,
                       "process": proc, "namespaces": namespaces, "seccomp": seccomp,
                       "preserve_fds": opts.preserve_fds,
                       "console_fd": console.fileno() if console else -1})
+        failure = ""
         while True:
-            msg = recv(parent)
-            if msg is None:
-                break  # the socket closed: the process exec'd
+            raw = parent.recv(1 << 20)
+            if not raw:
+                break  # the socket closed: the process exec'd (or gave up)
+            if len(raw) == _stub.PID.size:  # the stub's parent: the child's pid
+                target = _stub.PID.unpack(raw)[0]
+                _reap(joiner)
+                continue
+            if len(raw) == _stub.FAILURE.size:  # the stub's child: what failed; it exits
+                failure = failure or _stub_failure(raw, proc)
+                continue
+            msg = json.loads(raw)
             if msg["type"] == "error":
                 raise CorralError(f"exec failed: {msg.get('msg')}")
             if msg["type"] == "pid":
                 target = int(msg["pid"])
                 _reap(joiner)
+        if failure:
+            raise CorralError(failure)
         if target <= 0:
             raise CorralError("exec failed: the process did not start")
         if ours is not None and console is not None:

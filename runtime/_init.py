@@ -4,8 +4,10 @@ Stage 1 (forked by the runtime, already in the container's cgroup) joins namespa
 path, unshares the new ones (asking the runtime to write uid/gid maps for a new user
 namespace) and forks stage 2, reports its pid and exits. Stage 2 is the container's init
 (pid 1 in a new pid namespace): it builds the root filesystem, pivots into it, applies every
-process setting that must be done from inside, reports `created`, blocks on exec.fifo until
-`start`, then drops privileges and execs the user's process.
+process setting that must be done from inside, drops privileges and execs the exec stub
+(runtime/_stub.py), which reports `created`, blocks on exec.fifo until `start` and execs the
+user's process: no process of the container ever sees the host's Python run. Only with
+startContainer hooks (or no stub for this machine) does the init wait in Python itself.
 
 Everything travels over one SOCK_SEQPACKET socket as JSON messages, one per datagram:
   runtime -> stage 1: {"type": "bootstrap", ...}       the config and the create options
@@ -16,6 +18,7 @@ Everything travels over one SOCK_SEQPACKET socket as JSON messages, one per data
   init    -> runtime: {"type": "hooks"}                 run prestart/createRuntime now
   runtime -> init:    {"type": "ok", "state": {...}}
   init    -> runtime: {"type": "created"}               set up, about to block on the fifo
+                                                        (sent by the stub, when it is used)
   runtime -> init:    {"type": "ok"}                    state.json is written
   any     -> runtime: {"type": "error", "msg": "..."}  then the sender exits 1
 An end of file in either direction means the other side died: the survivor gives up.
@@ -445,11 +448,13 @@ def _setup_console(boot: dict[str, Any]) -> None:
     setup_terminal(boot["config"]["process"], boot["console_fd"], bind_console=True)
 
 
-def setup_terminal(proc: dict[str, Any], console_fd: int, bind_console: bool) -> None:
+def setup_terminal(proc: dict[str, Any], console_fd: int, bind_console: bool,
+                   ctty: bool = True) -> None:
     """Make a pty, put its slave on stdio (and /dev/console), send its master to the caller.
 
     Runs inside the container (after pivot_root, or after joining its mount namespace for
-    `exec`), so that the pty belongs to the container's devpts instance.
+    `exec`), so that the pty belongs to the container's devpts instance. `ctty`: make it
+    the controlling terminal now (`exec` leaves that to the session leader it forks).
     """
     master = os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
     fcntl.ioctl(master, TIOCSPTLCK, struct.pack("i", 0))
@@ -475,7 +480,8 @@ def setup_terminal(proc: dict[str, Any], console_fd: int, bind_console: bool) ->
     for fd in (0, 1, 2):
         os.dup2(slave, fd)
     os.close(slave)
-    fcntl.ioctl(0, TIOCSCTTY, 0)
+    if ctty:
+        fcntl.ioctl(0, TIOCSCTTY, 0)
 
 
 def _mask_and_readonly(lx: dict[str, Any]) -> None:
@@ -580,12 +586,18 @@ def finalize_process(proc: dict[str, Any], preserve_fds: int) -> dict[str, Any]:
     return {"env": env, "preserve_fds": preserve_fds}
 
 
-def exec_process(path: str, args: list[str], env: list[str], preserve_fds: int) -> NoReturn:
-    """Reset what Python changed in this process, mark extra fds CLOEXEC, exec."""
+def reset_for_exec(preserve_fds: int) -> None:
+    """Undo what Python changed in this process (signal dispositions and mask), mark every
+    fd from 3 + preserve_fds on close-on-exec: what an exec should not inherit."""
     for sig in (_sys.SIGPIPE, _sys.SIGXFSZ, _sys.SIGINT):
         _sys.set_handler(sig, _sys.SIG_DFL)  # Python ignores these; exec keeps SIG_IGN
     _sys.unblock_all()
     L.close_range_cloexec(3 + preserve_fds)
+
+
+def exec_process(path: str, args: list[str], env: list[str], preserve_fds: int) -> NoReturn:
+    """Reset what Python changed in this process, mark extra fds CLOEXEC, exec."""
+    reset_for_exec(preserve_fds)
     os.execve(path, args, dict(e.split("=", 1) for e in env))
 
 
@@ -599,6 +611,29 @@ def _apply_rlimits(proc: dict[str, Any]) -> None:
         except (ValueError, OSError) as e:
             raise CorralError(f"process.rlimits: {r['type']} {soft}/{hard}: {e} "
                               "(raising a hard limit needs CAP_SYS_RESOURCE)") from None
+
+
+def _init_stub(boot: dict[str, Any], sock: _sys.Socket, path: str, filt: Any,
+               flags: int) -> int:
+    """The init's exec stub in a sealed memfd, or -1 where the kernel refuses a memfd.
+
+    `filt`: the filter the stub loads after `start` (no_new_privs), or None.
+    """
+    from . import _stub
+
+    try:
+        fd = _stub.memfd()
+    except OSError:
+        return -1  # vm.memfd_noexec=2, or no memfd at all: the Python path
+    try:
+        _stub.fill(fd, _stub.image(
+            _stub.MODE_INIT, boot["fifo_fd"], sock.fileno(), path, "corral-init",
+            bpf=filt.bpf() if filt is not None else b"", seccomp_flags=flags,
+            message=json.dumps({"type": "created"}).encode(), steps=_stub.init_steps(path)))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def container_init(sock: _sys.Socket, boot: dict[str, Any]) -> NoReturn:
@@ -629,11 +664,13 @@ def container_init(sock: _sys.Socket, boot: dict[str, Any]) -> NoReturn:
         state = _expect_ok(sock).get("state", {})
         from ._hooks import run_hooks
 
-        if (cfg.get("hooks") or {}).get("startContainer"):
+        start_hooks = bool((cfg.get("hooks") or {}).get("startContainer"))
+        if start_hooks:
             import subprocess  # noqa: F401 - needed after pivot_root, when imports fail
 
         run_hooks(cfg, "createContainer", state)
-        from ._seccomp import load_around, prepare  # loads libseccomp: before pivot_root
+        from . import _stub
+        from ._seccomp import kernel_flags, load_around, prepare  # libseccomp: before pivot
 
         filt = prepare(lx["seccomp"]) if lx.get("seccomp") else None
         _pivot(boot["rootfs"], boot["no_pivot"])
@@ -661,13 +698,30 @@ def container_init(sock: _sys.Socket, boot: dict[str, Any]) -> NoReturn:
         except OSError as e:
             raise CorralError(f"process.cwd: {proc['cwd']}: {e.strerror}") from None
         path = _lookup(proc["args"][0], proc.get("env") or [], proc["cwd"])
+        nnp = bool(proc.get("noNewPrivileges"))
+        # The waiting init is the exec stub (runtime/_stub.py), not Python, unless
+        # startContainer hooks must run in it after `start` (or there is no stub for this
+        # machine). Built before the privilege drop and the filter.
+        stub = -1
+        if _stub.SUPPORTED and not start_hooks:
+            stub = _init_stub(boot, sock, path, filt if nnp else None,
+                              kernel_flags(lx["seccomp"]) if filt is not None else 0)
         # Drop to the process's user and capabilities now, not after `start`: a created
         # container must not hold the runtime's privileges while it waits (runc does the
         # same). Without no_new_privs the seccomp filter must be loaded while CAP_SYS_ADMIN
         # is still there; with it, as late as possible, just before exec.
-        nnp = bool(proc.get("noNewPrivileges"))
         done = load_around(filt if not nnp else None, nnp,
                            lambda: finalize_process(proc, boot["preserve_fds"]))
+        if stub >= 0:
+            # From here the stub reports `created` (so that no process of the container
+            # exists yet while it starts), waits for `start`, loads the filter, execs.
+            sys.stdout.flush()
+            try:
+                _stub.exec_stub(stub, proc["args"], done["env"], boot["preserve_fds"],
+                                (boot["fifo_fd"], sock.fileno()))
+            except OSError:
+                pass  # e.g. a filter refusing execveat: the Python path below still works
+            os.close(stub)
         send(sock, {"type": "created"})
         _expect_ok(sock)
         sock.close()

@@ -218,6 +218,7 @@ def _load_library() -> Any:
         ("seccomp_rule_add_array", cint, [vp, u32, cint, ctypes.c_uint, ctypes.POINTER(ArgCmp)]),
         ("seccomp_load", cint, [vp]),
         ("seccomp_export_pfc", cint, [vp, cint]),
+        ("seccomp_export_bpf", cint, [vp, cint]),
     ):
         fn = getattr(lib, name)
         fn.restype = res
@@ -238,6 +239,7 @@ class Filter:
         self._ctx: int | None = ctx
         # Bound now: after pivot_root no library can be looked up, and dlsym is avoided.
         self._load = lib.seccomp_load
+        self._export_bpf = lib.seccomp_export_bpf
 
     def load(self) -> None:
         """Install the filter on this thread (seccomp_load); it is inherited across exec."""
@@ -251,18 +253,29 @@ class Filter:
 
     def pfc(self) -> str:
         """The filter in libseccomp's readable pseudo-filter-code (for tests and debugging)."""
+        return self._export(self._lib.seccomp_export_pfc, "seccomp_export_pfc").decode()
+
+    def bpf(self) -> bytes:
+        """The filter as the kernel takes it: struct sock_filter[] (8 bytes an instruction).
+
+        Why: the exec stub (runtime/_stub.py) loads it with seccomp(2) itself, right before
+        its execve, when the process has no_new_privs.
+        """
+        return self._export(self._export_bpf, "seccomp_export_bpf")
+
+    def _export(self, fn: Any, name: str) -> bytes:
         if self._ctx is None:
             raise CorralError("seccomp: the filter was released")
-        fd = os.memfd_create("corral-seccomp-pfc", os.MFD_CLOEXEC)
+        fd = os.memfd_create("corral-seccomp-export", os.MFD_CLOEXEC)
         try:
-            rc = self._lib.seccomp_export_pfc(self._ctx, fd)
+            rc = fn(self._ctx, fd)
             if rc < 0:
-                raise OSError(-rc, f"seccomp_export_pfc: {_strerror(rc)}")
+                raise OSError(-rc, f"{name}: {_strerror(rc)}")
             os.lseek(fd, 0, os.SEEK_SET)
             chunks = []
             while chunk := os.read(fd, 1 << 16):
                 chunks.append(chunk)
-            return b"".join(chunks).decode()
+            return b"".join(chunks)
         finally:
             os.close(fd)
 
@@ -341,6 +354,16 @@ def _build(lib: Any, ctx: int, sec: dict[str, Any], field: str, default: int) ->
                 if rc < 0:
                     raise ConfigError(f"{f}.names[{j}]", f"libseccomp refused the rule for "
                                       f"{name!r}: {_strerror(rc)}")
+
+
+def kernel_flags(sec: dict[str, Any]) -> int:
+    """seccomp(2)'s flags for the profile's `flags` (what seccomp_load passes for them)."""
+    bits = {"SECCOMP_FILTER_FLAG_TSYNC": 1, "SECCOMP_FILTER_FLAG_LOG": 2,
+            "SECCOMP_FILTER_FLAG_SPEC_ALLOW": 4}
+    flags = 0
+    for fl in sec.get("flags") or []:
+        flags |= bits[fl]
+    return flags
 
 
 def load_around(filt: Filter | None, nnp: bool, finalize: Callable[[], T]) -> T:

@@ -2,23 +2,22 @@
 
 * CVE-2019-5736 class: the host binary that runs corral (the Python interpreter and the
   libpython it maps) must never be readable or writable through /proc/PID/exe or
-  /proc/PID/map_files from a container, neither while `exec` joiners run in its pid
-  namespace nor while the init (still Python) waits in `created` for `start`.
+  /proc/PID/map_files from a container, neither while `exec`s start processes in it nor
+  while the init waits in `created` for `start`.
 * No fd of the runtime's reaches a container process (only stdio and --preserve-fds).
 * The default capability set, masked paths, read-only paths and read-only root hold, also
   for processes started by `exec`.
 * `exec` refuses paused and stopped containers without touching them.
 
-What makes the first point hold in corral: the init (from stage 1 until its exec) and the
-exec joiner (and the child it forks, until its exec) are non-dumpable, so their
-/proc/PID/{exe,fd,map_files,mem,...} need CAP_SYS_PTRACE over them (the init user namespace,
-for a container without a user namespace). Before dropping privileges they also hold more
-capabilities than the container, which the kernel's ptrace check refuses too; after the drop
-(the exec child between finalize_process and execve) non-dumpable is the only wall, which
-test_exec_child_unreachable_while_held pins down deterministically. runc has another wall
-that corral lacks: its /proc/self/exe is a sealed memfd copy (or a read-only overlay), so
-even a process allowed to ptrace it only ever reaches the copy. The xfail(strict) tests
-with CAP_SYS_PTRACE document that gap.
+What makes the first point hold in corral: from stage 1 on, the processes of the runtime that
+are in the container's namespaces are non-dumpable, and the ones that can be seen in its pid
+namespace never run the host's code there: the created init execs the exec stub (a static
+program in a sealed memfd, runtime/_stub.py) before it reports `created`, and an exec joiner
+(Python, but in the host's pid namespace, invisible from inside) execs the stub, which forks
+the process that appears in the container. So even a container with CAP_SYS_PTRACE (and
+CAP_SYS_ADMIN for map_files) only ever reaches the memfd, which is sealed and executing.
+(Where there is no stub, startContainer hooks or a machine other than x86-64, the created init
+stays Python, non-dumpable: docs/runtime.md.)
 """
 
 from __future__ import annotations
@@ -103,8 +102,9 @@ def md5_of(path: str) -> str:
 # For every process: try to open /proc/PID/exe and each /proc/PID/map_files/* for writing
 # (`true >> f`: O_APPEND|O_CREAT, never truncates nor writes a byte) and for reading, hashing
 # what that very open reached (the process may exec or exit meanwhile). Exes hashing as the
-# container's busybox are not tried again. A process whose comm is the runtime's ("corral":
-# Python until its exec) is reported SEEN, so that the test knows what it looked at.
+# container's busybox are not tried again. A process whose comm is the runtime's ("corral-init"
+# or "corral-exec": the exec stub, until its exec) is reported SEEN, so that the test knows
+# what it looked at.
 ATTACKER = r"""
 bb=$(md5sum < /bin/busybox); bb=${bb%% *}
 ok=" "
@@ -159,10 +159,14 @@ def breaches(log: str, busybox_md5: str, host: list[str]) -> list[str]:
         elif line.startswith("READ "):
             m = re.match(r"READ (\S+) md5=(\S*) -> (.*) comm=(.*)$", line)
             assert m, line
-            md5, target = m.group(2), m.group(3)
+            md5, target, comm = m.group(2), m.group(3), m.group(4)
             named_host = any(p in target for p in host) or "python" in target
-            # The container holds nothing but busybox; runc's memfd copy is not the host's.
-            foreign = md5 != busybox_md5 and not target.startswith("/memfd:")
+            # The container holds nothing but busybox; runc's memfd copy is not the host's,
+            # nor is corral's exec stub (named corral-init or corral-exec), also when it
+            # exec'd between the hash and the readlink (then read as the new binary's path).
+            stub = target.startswith("/memfd:") or comm.startswith(("corral-init",
+                                                                    "corral-exec"))
+            foreign = md5 != busybox_md5 and not stub
             if named_host or md5 in host_md5 or foreign:
                 found.append(line)
     # One line per (kind, what it reached), writes first: the log repeats itself.
@@ -208,108 +212,106 @@ CAP_CASES = [
     pytest.param(["CAP_SYS_PTRACE", "CAP_SYS_ADMIN"], id="cap-sys-ptrace-sys-admin"),
 ]
 
-GAP_PTRACE = (
-    "corral's walls are PR_SET_DUMPABLE=0 and, while they still hold the runtime's "
-    "capabilities, the ptrace rule that a tracer's capabilities must cover its target's; "
-    "CAP_SYS_PTRACE in the init user namespace (any container without a user namespace) "
-    "overrides both: /proc/PID/exe of the `created` init (pid 1) and of an exec child before "
-    "its exec opens and resolves to the host's interpreter. Opening it for writing then fails "
-    "only with ETXTBSY while some host process executes it; an fd kept open (O_PATH or "
-    "O_RDONLY) can be reopened for writing through /proc/self/fd once none does "
-    "(CVE-2019-5736). runc's /proc/self/exe is a sealed memfd copy, so runc holds here."
-)
-GAP_PTRACE_ADMIN = (
-    GAP_PTRACE + " With CAP_SYS_ADMIN too, /proc/1/map_files/* of the waiting init opens the "
-    "host's libpython, libc and ld.so FOR WRITING at once (shared libraries mapped by a "
-    "running process are not write-denied since Linux 5.15): the container can rewrite code "
-    "that every later corral invocation runs on the host."
-)
-
-
-def _expect_gap(request, is_runc, extra_caps):
-    if extra_caps and not is_runc:
-        reason = GAP_PTRACE_ADMIN if "CAP_SYS_ADMIN" in extra_caps else GAP_PTRACE
-        request.applymarker(pytest.mark.xfail(strict=True, raises=AssertionError, reason=reason))
-
-
 @pytest.mark.parametrize("extra_caps", CAP_CASES)
 def test_host_binary_unreachable_from_created_container(
-    rt, make_bundle, tmp_path, rootfs, request, is_runc, extra_caps
+    rt, make_bundle, tmp_path, rootfs, is_runc, extra_caps
 ):
     """While the init waits for `start` (and joiners come and go), nothing in the container
     may open the host's interpreter or libpython through /proc."""
-    _expect_gap(request, is_runc, extra_caps)
     log, host = attack(rt, make_bundle, tmp_path, "created", extra_caps)
     assert re.search(r"^DONE [1-9]", log, re.M), log
     if not is_runc:
-        # The deterministic part: the waiting init is pid 1 and runs the host's Python.
-        assert re.search(r"^SEEN /proc/1 corral", log, re.M), log[-3000:]
+        # The deterministic part: the waiting init, pid 1, is the runtime's (the exec stub).
+        assert re.search(r"^SEEN /proc/1 corral-init", log, re.M), log[-3000:]
     found = breaches(log, md5_of(str(rootfs / "bin" / "busybox")), host)
     assert not found, "host binaries reached from the container:\n" + "\n".join(found[:20])
 
 
-def test_host_binary_unreachable_during_exec(rt, make_bundle, tmp_path, rootfs):
-    """In a running container, the Python processes in its pid namespace are the children
-    that exec joiners fork (between the fork and the exec): none may be opened."""
-    log, host = attack(rt, make_bundle, tmp_path, "running", [])
+@pytest.mark.parametrize("extra_caps", CAP_CASES)
+def test_host_binary_unreachable_during_exec(
+    rt, make_bundle, tmp_path, rootfs, is_runc, extra_caps
+):
+    """In a running container, the runtime's processes in its pid namespace are the children
+    that the exec stub forks (between the fork and the exec): none may reach the host."""
+    if is_runc and extra_caps:
+        pytest.skip("runc's exec init (a memfd copy of runc) can be read with CAP_SYS_PTRACE; "
+                    "having the host runc's bytes, it counts as the host binary here")
+    log, host = attack(rt, make_bundle, tmp_path, "running", extra_caps)
     assert re.search(r"^DONE [1-9]", log, re.M), log
     found = breaches(log, md5_of(str(rootfs / "bin" / "busybox")), host)
     assert not found, "host binaries reached from the container:\n" + "\n".join(found[:20])
     if not re.search(r"^SEEN ", log, re.M):
         # Not a failure (it depends on scheduling), but then this run proved little.
-        warnings.warn("the attacker never caught an exec joiner's child before its exec",
+        warnings.warn("the attacker never caught an exec's child before its exec",
                       stacklevel=1)
 
 
-# Holding an exec child in its Python phase, deterministically: without HOME in the process's
-# env the child reads the container's /etc/passwd (to set HOME) after dropping privileges and
-# before its exec, and a container can make that file a fifo. The child then blocks, still
-# the host's Python, until someone opens the fifo for writing: the probe below has all the
-# time it wants, then lets it go. (The probe's own exec passes HOME, so it never blocks.)
+# Holding an exec in its Python phase, deterministically: without HOME in the process's env
+# the exec joiner reads the container's /etc/passwd (to set HOME) after dropping privileges
+# and before it execs the stub, and a container can make that file a fifo. The joiner then
+# blocks, still the host's Python and already in the container's mount namespace, until
+# someone opens the fifo for writing. It is in the HOST's pid namespace (it only sets the
+# container's for its children): the probe below, run meanwhile, must find nothing of the
+# runtime's among the container's processes, then lets it go. (The probe's own exec passes
+# HOME, so it never blocks.)
 HELD_PROBE = r"""
-p=
-i=0
-while [ -z "$p" ] && [ $i -lt 1000 ]; do
-  for q in /proc/[0-9]*; do
-    [ "$q" = /proc/1 ] && continue
-    c=
-    { read -r c < $q/comm; } 2>/dev/null
-    case "$c" in corral*) p=$q; break;; esac
+bb=$(md5sum < /bin/busybox); bb=${bb%% *}
+for p in /proc/[0-9]*; do
+  [ "$p" = "/proc/$$" ] && continue
+  c=
+  { read -r c < $p/comm; } 2>/dev/null || continue
+  echo "PROC $p $c"
+  for f in $p/exe $p/map_files/*; do
+    { true >> "$f"; } 2>/dev/null && echo "WROTE $f -> $(readlink "$f" 2>/dev/null) comm=$c"
+    h=$(md5sum < "$f" 2>/dev/null) || continue
+    h=${h%% *}
+    [ "$h" = "$bb" ] || echo "READ $f md5=$h -> $(readlink "$f" 2>/dev/null) comm=$c"
   done
-  i=$((i+1))
-  [ -n "$p" ] || sleep 0.01
 done
-[ -n "$p" ] || { echo NOTFOUND; true > /etc/passwd; exit 0; }
-echo "HELD $p"
-for f in $p/exe $p/map_files/*; do
-  { true >> "$f"; } 2>/dev/null && echo "WROTE $f -> $(readlink "$f" 2>/dev/null) comm=corral"
-  h=$(md5sum < "$f" 2>/dev/null) && \
-    echo "READ $f md5=${h%% *} -> $(readlink "$f" 2>/dev/null) comm=corral"
-done
-# Listing $p/fd shows only numbers (the directory belongs to root); what they point at must
-# stay hidden. (No `ls -l`: it would look up owners in the fifo /etc/passwd.)
-for fd in $p/fd/*; do
-  t=$(readlink $fd 2>/dev/null) && echo "FD $fd -> $t"
-  { true < $fd; } 2>/dev/null && echo "FD-OPENED $fd"
-  i=$p/fdinfo/${fd##*/}
-  { true < $i; } 2>/dev/null && echo "FDINFO $i $(tr '\n' ' ' < $i)"
-done
-for l in cwd root; do readlink $p/$l > /dev/null 2>&1 && echo "LINK $l $(readlink $p/$l)"; done
-for r in mem environ auxv; do { true < $p/$r; } 2>/dev/null && echo "OPENED $r"; done
-echo "STILL $(cat $p/comm)"
+echo DONE
 true > /etc/passwd
 """
 
 
+def _ns_pids(pid: int) -> list[str]:
+    """The NSpid line of /proc/PID/status: the pid in each pid namespace, outermost first."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("NSpid:"):
+                return line.split()[1:]
+    return []
+
+
+def _held_joiner(init: int, deadline: float) -> int:
+    """The host pid of the process that joined the container's mount namespace from outside
+    its pid namespace and now blocks in openat (of the fifo /etc/passwd)."""
+    mnt = os.readlink(f"/proc/{init}/ns/mnt")
+    while time.monotonic() < deadline:
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                if os.readlink(f"/proc/{entry}/ns/mnt") != mnt:
+                    continue
+                if len(_ns_pids(int(entry))) != 1:
+                    continue  # one of the container's own processes
+                with open(f"/proc/{entry}/syscall") as f:
+                    if f.read().split()[0] == "257":  # openat, blocked
+                        return int(entry)
+            except (OSError, IndexError):
+                continue
+        time.sleep(0.02)
+    raise AssertionError("the held exec joiner was not found")
+
+
 @pytest.mark.parametrize("extra_caps", CAP_CASES[:2])
-def test_exec_child_unreachable_while_held(
-    rt, make_bundle, tmp_path, rootfs, request, is_runc, extra_caps
+def test_exec_held_before_its_exec_is_invisible(
+    rt, make_bundle, tmp_path, rootfs, is_runc, extra_caps
 ):
-    """An exec'd process held (by the container) between fork and exec: it is the host's
-    Python, and nothing of it may be opened from inside."""
+    """An exec held (by the container) in its Python phase: nothing of the host's Python is
+    among the container's processes, and nothing of it may be opened from inside."""
     if is_runc:
         pytest.skip("runc's exec reads /etc/passwd in its memfd-cloned init: nothing to see")
-    _expect_gap(request, is_runc, extra_caps)
     host = host_binaries(rt.binary)
     before = fingerprint(host)
     out, etc = tmp_path / "out", tmp_path / "etc"
@@ -331,6 +333,11 @@ def test_exec_child_unreachable_while_held(
     t = threading.Thread(target=lambda: held.append(rt("exec", cid, "true", check=False)))
     t.start()
     try:
+        joiner = _held_joiner(rt.state(cid)["pid"], time.monotonic() + 30)
+        with open(f"/proc/{joiner}/comm") as f:
+            assert f.read().strip() == "corral"  # the runtime's Python, held
+        assert len(_ns_pids(joiner)) == 1  # not in the container's pid namespace
+        # Only the probe's last line releases the held exec: all it saw, it saw held.
         probe = rt("exec", "-e", "HOME=/", cid, "sh", "-c", HELD_PROBE)
     finally:
         t.join(5)
@@ -341,13 +348,14 @@ def test_exec_child_unreachable_while_held(
     assert held, "the held exec did not finish"
     assert held[0].returncode == 0, held[0].stderr
     lines = probe.stdout.splitlines()
-    assert lines[0].startswith("HELD /proc/"), probe.stdout
-    assert lines[-1].startswith("STILL corral"), probe.stdout  # all in the Python phase
-    found = [line for line in lines[1:-1]]
-    found = breaches("\n".join(line for line in found if line.startswith(("READ", "WROTE"))),
-                     md5_of(str(rootfs / "bin" / "busybox")), host) + [
-        line for line in found if not line.startswith(("READ", "WROTE"))]
-    assert not found, "the held exec child was reached from the container:\n" + "\n".join(
+    assert lines[-1] == "DONE", probe.stdout
+    procs = [line.split() for line in lines if line.startswith("PROC ")]
+    assert ["PROC", "/proc/1", "sleep"] in procs, probe.stdout
+    runtime = [p for p in procs if len(p) > 2 and p[2].startswith(("corral", "python"))]
+    assert not runtime, probe.stdout
+    found = breaches("\n".join(line for line in lines if line.startswith(("READ", "WROTE"))),
+                     md5_of(str(rootfs / "bin" / "busybox")), host)
+    assert not found, "the runtime's code was reached from the container:\n" + "\n".join(
         found[:20])
     rt("delete", "--force", cid)
     assert fingerprint(host) == before
