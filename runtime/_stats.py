@@ -412,3 +412,42 @@ def memory_root(cg: dict[str, Any]) -> str:
         if "memory" in key.split(","):
             return mp
     return os.path.join(CGROUP_ROOT, "memory")
+
+
+def usage(cg: dict[str, Any]) -> dict[str, dict[str, int]]:
+    """Memory, CPU and pids of the container whose saved cgroup state is `cg`: the numbers a
+    status line or a metrics scrape wants (corrald's control socket), from 5 to 8 files
+    instead of the ~40 that `stats` reads. Same sources and units as `stats`: bytes,
+    nanoseconds; an unlimited limit reads as runc reports it (2^64-1 on v2, the kernel's
+    page-rounded maximum for v1 memory, 0 for pids); what cannot be read is 0.
+    """
+    v2 = cg.get("version") == 2
+    mem = {"usage": 0, "max": 0, "limit": 0, "failcnt": 0}
+    cpu = {"usage_ns": 0, "user_ns": 0, "kernel_ns": 0}
+    d = controller_dir(cg, "memory")
+    if d and v2:
+        mem.update(usage=_value(d, "memory.current") or 0, max=_value(d, "memory.peak") or 0,
+                   limit=_value(d, "memory.max") or 0,
+                   failcnt=_keyed(d, "memory.events").get("max", 0))
+    elif d:
+        mem.update(usage=_value(d, "memory.usage_in_bytes") or 0,
+                   max=_value(d, "memory.max_usage_in_bytes") or 0,
+                   limit=_value(d, "memory.limit_in_bytes") or 0,
+                   failcnt=_value(d, "memory.failcnt") or 0)
+    d = controller_dir(cg, "cpu" if v2 else "cpuacct")
+    if d and v2:
+        cs = _keyed(d, "cpu.stat")
+        cpu.update(usage_ns=cs.get("usage_usec", 0) * 1000, user_ns=cs.get("user_usec", 0) * 1000,
+                   kernel_ns=cs.get("system_usec", 0) * 1000)
+    elif d:
+        ticks = _keyed(d, "cpuacct.stat")
+        hz = os.sysconf("SC_CLK_TCK") or 100
+        cpu.update(usage_ns=_value(d, "cpuacct.usage") or 0,
+                   user_ns=ticks.get("user", 0) * 1_000_000_000 // hz,
+                   kernel_ns=ticks.get("system", 0) * 1_000_000_000 // hz)
+    out: dict[str, Any] = {"pids": {}}
+    d = controller_dir(cg, "pids")
+    if d:
+        _pids(out, d)
+    pids = {"current": out["pids"].get("current", 0), "limit": out["pids"].get("limit", 0)}
+    return {"memory": mem, "cpu": cpu, "pids": pids}

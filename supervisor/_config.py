@@ -49,6 +49,7 @@ corrald.toml may hold a ``[network]`` table (``bridge``, ``subnet``): see `Bridg
 from __future__ import annotations
 
 import copy
+import grp
 import ipaddress
 import math
 import os
@@ -796,6 +797,10 @@ def _group(value: object, file: str, key: str) -> str | int:
     text = _str(value, file, key)
     if not text or ":" in text or "/" in text or text.strip() != text:
         raise ConfigError(file, key, f"{text!r} is not a group name or gid")
+    try:  # the control socket is given this group: a typo must not start an open daemon
+        grp.getgrnam(text)
+    except KeyError:
+        raise ConfigError(file, key, f"no group is named {text!r}") from None
     return text
 
 

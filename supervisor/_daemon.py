@@ -11,11 +11,15 @@ per configured container, and handles SIGTERM/SIGINT (stop everything in paralle
 and SIGHUP (reload the directory: `plan_reload`). The daemon never forks, never reaps:
 exits come from the helper, which is their parent.
 
-State changes are logged as ``corrald: NAME: state OLD -> NEW (detail)``.
+State changes are logged as ``corrald: NAME: state OLD -> NEW (detail)``, and recorded, with
+exits, OOM kills and reloads, in the event ring (`EventRing`) that the control socket
+(`corral.supervisor._control`, `_ops`) serves; the operations a user asks for there (start
+a stopped container, pause, a stop that a reload must not undo) are `Daemon` methods below.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import math
@@ -34,11 +38,13 @@ from corral.runtime._state import Root, State, proc_stat, write_atomic
 
 from . import _faults as faults
 from . import _records
-from ._config import ContainerSpec, DaemonSpec, load_dir, plan_reload, to_oci
+from ._config import ContainerSpec, DaemonSpec, ReloadPlan, load_dir, plan_reload, to_oci
+from ._events import EventRing
 from ._helperclient import ExitInfo, HelperClient, HelperError, HelperGone, spawn_helper
 from ._logs import LogFile, pump
 from ._network import Attachment, Network, NetworkError, oci_changes
 from ._notify import Notifier, watchdog_interval
+from ._ops import serve_control
 from ._policy import ExitCause, Fatal, RestartAfter, RestartState, starts_at_boot
 from ._records import Record, digest
 
@@ -50,11 +56,12 @@ __all__ = ["STATES", "AlreadyRunning", "ContainerSupervisor", "Context", "Daemon
 
 log = logging.getLogger("corrald")
 
-STATES = ("stopped", "starting", "running", "backoff", "stopping", "exited", "fatal")
+STATES = ("stopped", "starting", "running", "paused", "backoff", "stopping", "exited", "fatal")
 HELPER_SOCKET_NAME = "corrald-nshelper.sock"
 CLEANUP_DEADLINE = 20.0  # seconds for a shielded delete of one container
 LOG_DRAIN = 2.0  # seconds to read what is left in the pipes after the container is gone
 HELPER_START_TIMEOUT = 30.0
+_CLK_TCK = os.sysconf("SC_CLK_TCK") or 100  # the unit of /proc/PID/stat's start time
 # Names of the runtime root's entries that are corrald's own, not containers.
 RESERVED = {"bundles": "corrald's bundle directory",
             _records.RECORDS_DIR: "corrald's records directory",
@@ -73,6 +80,7 @@ class Context:
     helper: HelperClient
     log_dir: str
     limiter: trio.CapacityLimiter = attrs.field(factory=lambda: trio.CapacityLimiter(8))
+    events: EventRing = attrs.field(factory=EventRing)
     network: Network | None = None
 
     @property
@@ -169,6 +177,9 @@ class ContainerSupervisor:
     reason: str = attrs.field(init=False, default="")
     starts: int = attrs.field(init=False, default=0)
     oom_kills: int = attrs.field(init=False, default=0)
+    pid: int = attrs.field(init=False, default=0)  # of the run being attended, else 0
+    started_at: float | None = attrs.field(init=False, default=None)  # trio.current_time()
+    started_wall: str | None = attrs.field(init=False, default=None)  # RFC 3339, for people
     adopt: Run | None = attrs.field(init=False, default=None)
     undecided: ExitCause | None = attrs.field(init=False, default=None)
     done: trio.Event = attrs.field(init=False, factory=trio.Event)
@@ -203,6 +214,46 @@ class ContainerSupervisor:
     def _set(self, state: str, detail: str = "") -> None:
         old, self.state = self.state, state
         log.info("%s: state %s -> %s%s", self.name, old, state, f" ({detail})" if detail else "")
+        self.ctx.events.add("state", self.name, **{"from": old, "to": state, "detail": detail})
+
+    # -- what the control socket shows and does -------------------------------------------------
+    def on_running(self, run: Run) -> None:
+        """`run` is attended now: its pid and start (an adopted run's real start, from its
+        start time since boot) for status and uptime."""
+        from corral.runtime._state import rfc3339_now
+
+        age = 0.0
+        try:
+            with open("/proc/uptime", "rb") as f:
+                age = max(0.0, float(f.read().split()[0]) - run.start_time / _CLK_TCK)
+        except (OSError, ValueError, IndexError):
+            pass
+        self.pid, self.started_at = run.pid, trio.current_time() - age
+        self.started_wall = rfc3339_now() if age < 1 else time.strftime(
+            "%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - age))
+
+    def on_exit(self, cause: ExitCause) -> None:
+        """The run ended with `cause` (recorded): an ``exit`` event."""
+        self.pid, self.started_at = 0, None
+        self.ctx.events.add("exit", self.name, cause=cause.to_json(),
+                            description=cause.describe())
+
+    async def pause(self) -> None:
+        """Freeze the running container (the runtime's pause, in a thread)."""
+        await _thread(self.ctx.limiter, _container.pause, self.ctx.root, self.name)
+        if self.state == "running":  # not if it exited meanwhile
+            self._set("paused", "paused by the user")
+
+    async def resume(self) -> None:
+        """Thaw the paused container."""
+        await _thread(self.ctx.limiter, _container.resume, self.ctx.root, self.name)
+        if self.state == "paused":
+            self._set("running", f"pid {self.pid}, resumed by the user")
+
+    def wake(self) -> None:
+        """In backoff: restart now instead of after the delay (a user's start)."""
+        if self._backoff_scope is not None and not self._stop_requested.is_set():
+            self._backoff_scope.cancel()
 
     # -- records ------------------------------------------------------------------------------
     def record(self) -> Record:
@@ -378,12 +429,14 @@ class ContainerSupervisor:
             for fd, stream in ((run.out, "stdout"), (run.err, "stderr")):
                 if fd >= 0:
                     readers.start_soon(pump, fd, stream, self._logfile, ctx.limiter)
+            self.on_running(run)
             self._set("running", f"pid {run.pid}")
             await self.save()  # the start (or the adoption, with what it counted)
             self.first_attempt.set()
             cause, info = await self._watch(run)
             faults.hit("exit")
             self.last_exit = cause
+            self.on_exit(cause)
             self._init, self._handled = None, run.pid
             log.info("%s: %s", self.name, cause.describe())
             await self.save()
@@ -468,6 +521,7 @@ class ContainerSupervisor:
             for k in found:
                 log.warning("%s: OOM kill of %d process(es), level %s", self.name, k.count,
                             k.level)
+                self.ctx.events.add("oom", self.name, count=k.count, level=k.level)
             kills.extend(found)
             if found:
                 await self._count_ooms(cgroup)
@@ -476,6 +530,11 @@ class ContainerSupervisor:
     async def _stopper(self) -> None:
         """On stop: the configured signal, then SIGKILL to the whole cgroup after the timeout."""
         await self._stop_requested.wait()
+        if self.state == "paused":  # a frozen process would not see the signal
+            try:
+                await _thread(self.ctx.limiter, _container.resume, self.ctx.root, self.name)
+            except CorralError as e:
+                log.info("%s: %s", self.name, e)
         stop = self.spec.stop
         self._set("stopping", f"{stop.signal.name}, SIGKILL after {stop.timeout:g}s")
         await _stop_container(self.ctx, self.name, stop.signal, stop.timeout)
@@ -530,6 +589,11 @@ class Daemon:
     nursery: trio.Nursery
     notifier: Notifier = attrs.field(factory=Notifier)
     supervisors: dict[str, ContainerSupervisor] = attrs.field(init=False, factory=dict)
+    user_stopped: set[str] = attrs.field(init=False, factory=set)  # a reload keeps them down
+    closing: bool = attrs.field(init=False, default=False)
+    load_errors: list[str] = attrs.field(init=False, factory=list)  # of the last load
+    _locks: dict[str, trio.Lock] = attrs.field(init=False, factory=dict)
+    _reload_lock: trio.Lock = attrs.field(init=False, factory=trio.Lock)
 
     def status_line(self) -> str:
         """One line for systemd's STATUS=: the count of containers in each state."""
@@ -569,6 +633,7 @@ class Daemon:
         typo in an edit must not stop a container on reload.
         """
         specs, errors = load_dir(self.spec.config_dir)
+        self.load_errors = [str(e) for e in errors]
         for e in errors:
             name = os.path.basename(str(e.file)).removesuffix(".toml")
             sup = getattr(self, "supervisors", {}).get(name)
@@ -583,32 +648,117 @@ class Daemon:
                 del specs[name]
         return specs
 
-    async def reload(self) -> None:
-        """SIGHUP: stop removed containers, start added ones, restart changed ones."""
-        await self.notifier.send("RELOADING=1")
+    async def reload(self, dry_run: bool = False) -> ReloadPlan | None:
+        """SIGHUP: stop removed containers, start added ones, restart changed ones.
+
+        A changed container that the user stopped takes its new spec and stays stopped.
+
+        Args:
+            dry_run: only read the files and return the plan (the control socket's
+                ``dry_run``).
+
+        Returns:
+            The plan, or None when the config directory could not be read (logged, and in
+            `load_errors`; nothing changed).
+        """
+        async with self._reload_lock:
+            return await self._reload(dry_run)
+
+    async def _reload(self, dry_run: bool) -> ReloadPlan | None:
+        if not dry_run:
+            await self.notifier.send("RELOADING=1")
         try:
             new = await _thread(self.ctx.limiter, self.load)
         except CorralError as e:
             log.error("reload failed, nothing changed: %s", e)
-            await self.notifier.send("READY=1")
-            return
+            self.load_errors = [str(e)]
+            if not dry_run:
+                await self.notifier.send("READY=1")
+            return None
         current = {name: sup.spec for name, sup in self.supervisors.items()}
         plan = plan_reload(current, new)
+        if dry_run:
+            return plan
         log.info("reload: %s", plan.describe())
         faults.hit("reload")
-        async with trio.open_nursery() as nursery:
-            for name in (*plan.removed, *plan.changed):
-                nursery.start_soon(self.supervisors[name].stop_and_wait)
-        for name in plan.removed:
-            del self.supervisors[name]
-            await _thread(self.ctx.limiter, _records.remove, self.ctx.root.path, name)
-        for name in (*plan.added, *plan.changed):
-            await self.start(new[name])
+        async with contextlib.AsyncExitStack() as locks:
+            for name in sorted({*plan.added, *plan.removed, *plan.changed}):
+                await locks.enter_async_context(self.lock(name))
+            down = {n for n in plan.changed if self.kept_down(n)}  # before the stops below
+            async with trio.open_nursery() as nursery:
+                for name in (*plan.removed, *plan.changed):
+                    nursery.start_soon(self.supervisors[name].stop_and_wait)
+            for name in plan.removed:
+                del self.supervisors[name]
+                self.user_stopped.discard(name)
+                await _thread(self.ctx.limiter, _records.remove, self.ctx.root.path, name)
+            for name in (*plan.added, *plan.changed):
+                if name in down:
+                    self.supervisors[name] = sup = self._parked(new[name])
+                    await sup.save()  # its new digest: a daemon restart keeps it down too
+                else:
+                    await self.start(new[name])
+        self.ctx.events.add("reload", added=plan.added, removed=plan.removed,
+                            changed=plan.changed, errors=self.load_errors)
         await self.notifier.send("READY=1", f"STATUS={self.status_line()}")
+        return plan
+
+    def lock(self, name: str) -> trio.Lock:
+        """The lock that orders user operations and reloads on one container."""
+        return self._locks.setdefault(name, trio.Lock())
+
+    def kept_down(self, name: str) -> bool:
+        """Whether the user stopped `name` (by the control socket, or before a daemon
+        restart, by its record) and it has not been started since: a reload leaves it so."""
+        sup = self.supervisors.get(name)
+        return name in self.user_stopped or (
+            sup is not None and sup.done.is_set() and sup.state == "stopped"
+            and sup.restart.stopped_by_user)
+
+    def _parked(self, spec: ContainerSpec) -> ContainerSupervisor:
+        """A supervisor that is not started: a stopped container's new spec."""
+        sup = ContainerSupervisor(spec, self.ctx)
+        sup.reason = "stopped by the user"
+        sup.restart.stopped_by_user = True
+        sup.first_attempt.set()
+        sup.done.set()
+        return sup
+
+    async def user_start(self, name: str) -> ContainerSupervisor:
+        """Start `name` for the user: a new task when its last one has ended (stopped,
+        exited, fatal), at once when it waits in backoff, nothing when it is up; returns once
+        the first attempt is made."""
+        async with self.lock(name):
+            sup = self.supervisors[name]
+            self.user_stopped.discard(name)
+            if sup.done.is_set():
+                sup = await self.start(sup.spec)
+            elif sup.state == "backoff":
+                sup.wake()
+        await sup.first_attempt.wait()
+        return sup
+
+    async def user_stop(self, name: str) -> ContainerSupervisor:
+        """Stop `name` for the user and wait until it is down; no reload starts it again."""
+        async with self.lock(name):
+            sup = self.supervisors[name]
+            self.user_stopped.add(name)
+            await sup.stop_and_wait()
+        return sup
+
+    async def user_restart(self, name: str) -> ContainerSupervisor:
+        """Stop `name` (when up), then start it with a new task."""
+        async with self.lock(name):
+            await self.supervisors[name].stop_and_wait()
+            self.user_stopped.discard(name)
+            sup = await self.start(self.supervisors[name].spec)
+        await sup.first_attempt.wait()
+        return sup
 
     async def stop_all(self) -> None:
         """The daemon's shutdown: stop every container in parallel, then forget the records
         but those of containers the user stopped (``unless-stopped`` keeps them down)."""
+        self.closing = True
         async with trio.open_nursery() as nursery:
             for sup in list(self.supervisors.values()):
                 nursery.start_soon(sup.stop_and_wait, False)
@@ -870,6 +1020,7 @@ async def _run_locked(spec: DaemonSpec, task_status: trio.TaskStatus[Daemon]) ->
             try:
                 async with trio.open_nursery() as nursery:
                     daemon = Daemon(spec, ctx, nursery)
+                    await nursery.start(serve_control, daemon)
                     specs = await _thread(ctx.limiter, daemon.load)
                     await recover(daemon, specs)
                     for sup in list(daemon.supervisors.values()):

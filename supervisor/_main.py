@@ -29,8 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config-dir", dest="config_dir", help="the container files (*.toml)")
     p.add_argument("--root", help="the runtime's state root")
     p.add_argument("--log-dir", dest="log_dir", help="where container logs go")
-    p.add_argument("--socket", help="corrald's socket; the namespace helper's socket goes "
-                                    "beside it")
+    p.add_argument("--socket", help="corrald's control socket (default ROOT/corrald.sock); "
+                                    "its lock and the namespace helper's socket go beside it")
     p.add_argument("--debug", action="store_true", help="log debug messages too")
     return p
 

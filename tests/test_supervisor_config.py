@@ -402,9 +402,9 @@ def test_daemon_required_file_missing(tmp_path):
 
 def test_daemon_file_and_flags(tmp_path, monkeypatch):
     path = write(tmp_path, 'config_dir = "/c"\nroot = "/r"\nlog_dir = "/l"\n'
-                 'socket_group = "corral"\nlive_restore = true\n', "corrald.toml")
+                 'socket_group = "root"\nlive_restore = true\n', "corrald.toml")
     spec = load_daemon(path)
-    assert spec == DaemonSpec("/c", "/r", "/l", "/r/corrald.sock", "corral", True)
+    assert spec == DaemonSpec("/c", "/r", "/l", "/r/corrald.sock", "root", True)
     monkeypatch.chdir(tmp_path)
     spec = load_daemon(path, {"root": "state", "log_dir": "/l2", "socket": None,
                               "config_dir": None})
@@ -426,6 +426,7 @@ def test_daemon_socket_group_gid(tmp_path):
     (f'socket = "/{"s" * 120}"\n', "socket", "unix socket"),
     (f'root = "/{"r" * 100}"\n', "socket", "unix socket"),
     ('socket_group = "a:b"\n', "socket_group", "group"),
+    ('socket_group = "no-such-group-here"\n', "socket_group", "no group is named"),
     ("socket_group = -1\n", "socket_group", "out of range"),
 ])
 def test_daemon_bad_values(tmp_path, text, key, problem):
