@@ -182,6 +182,7 @@ class ContainerSupervisor:
     started_wall: str | None = attrs.field(init=False, default=None)  # RFC 3339, for people
     adopt: Run | None = attrs.field(init=False, default=None)
     undecided: ExitCause | None = attrs.field(init=False, default=None)
+    undecided_at: float = attrs.field(init=False, default=0.0)  # when it ended, our clock
     done: trio.Event = attrs.field(init=False, factory=trio.Event)
     first_attempt: trio.Event = attrs.field(init=False, factory=trio.Event)
     restart: RestartState = attrs.field(init=False)
@@ -193,6 +194,8 @@ class ContainerSupervisor:
     _init: tuple[int, int] | None = attrs.field(init=False, default=None)  # exit unrecorded
     _handled: int = attrs.field(init=False, default=0)  # pid of the last recorded exit
     _live: bool = attrs.field(init=False, default=False)  # a container exists in the runtime
+    _clean: bool = attrs.field(init=False, default=False)  # we deleted it: no leftover to check
+    _bundle_net: tuple[Any, ...] | None = attrs.field(init=False, default=None)  # written for
     _save_lock: trio.Lock = attrs.field(init=False, factory=trio.Lock)
 
     @restart.default
@@ -325,6 +328,7 @@ class ContainerSupervisor:
         left = False
         try:
             cause, self.undecided = self.undecided, None
+            ended = self.undecided_at if cause is not None else None
             if self.adopt is not None:
                 run, self.adopt = self.adopt, None
                 cause = await self._attend(run)
@@ -336,14 +340,21 @@ class ContainerSupervisor:
                     if cause is None:  # could not be created: said in the log
                         await self.save()
                         break
-                decision = self.restart.on_exit(trio.current_time(), cause,
+                # An exit the last daemon recorded is decided on as of when it happened: the
+                # time no daemon ran is not part of the run (reset_after).
+                decision = self.restart.on_exit(trio.current_time() if ended is None else ended,
+                                                cause,
                                                 stopped_by_user=self._stop_requested.is_set())
+                ended = None
                 if not self._stopped_by_user:
                     self.restart.stopped_by_user = False  # the daemon's shutdown, not the user
                 if isinstance(decision, RestartAfter):
                     self._set("backoff", f"{cause.describe()}; restart {decision.attempt} in "
                                          f"{decision.delay:.3g}s")
                     cause = None
+                    # Saved before the next start: a start that the daemon's death leaves
+                    # unrecorded is counted by its successor, whose retry count must then
+                    # already include this decision.
                     await self.save()
                     with trio.CancelScope() as self._backoff_scope:
                         if self._stop_requested.is_set():
@@ -393,9 +404,13 @@ class ContainerSupervisor:
                 if ctx.network is None:
                     raise NetworkError("network: this corrald has no bridge network")
                 net = await ctx.network.up(self.spec)
-            await _thread(ctx.limiter, _write_bundle, self.spec, self.bundle, net)
-            # A container of this name left over (a daemon crash) is in the way.
-            await _thread(ctx.limiter, _container.delete, ctx.root, self.name, True)
+            if self._bundle_net != (net,):  # a restart reuses the bundle it wrote
+                await _thread(ctx.limiter, _write_bundle, self.spec, self.bundle, net)
+                self._bundle_net = (net,)
+            if not self._clean:
+                # A container of this name left over (a daemon crash) is in the way.
+                await _thread(ctx.limiter, _container.delete, ctx.root, self.name, True)
+            self._clean = False
             out_r, out_w = os.pipe2(os.O_CLOEXEC)
             err_r, err_w = os.pipe2(os.O_CLOEXEC)
             faults.hit("create")
@@ -448,6 +463,7 @@ class ContainerSupervisor:
                 try:
                     await _thread(ctx.limiter, _container.delete, ctx.root, self.name, True)
                     self._live = False
+                    self._clean = True  # nothing of ours is left under this name
                 except (CorralError, OSError) as e:
                     log.warning("%s: delete failed: %s", self.name, e)
             readers.cancel_scope.deadline = trio.current_time() + LOG_DRAIN
@@ -975,6 +991,8 @@ async def recover(daemon: Daemon, specs: dict[str, ContainerSpec]) -> None:
                 sup.restore(rec)
                 if rec.init is None and rec.state in ("running", "stopping"):
                     sup.undecided = sup.last_exit  # recorded; the daemon died before acting
+                    sup.undecided_at = trio.current_time() - max(0.0,
+                                                                 time.time() - rec.saved_at)
                     sup.state = rec.state
             daemon.supervisors[name] = sup
             await daemon.nursery.start(daemon._supervise, sup)
