@@ -815,28 +815,27 @@ def _bridge_name(value: object, file: str, key: str) -> str:
     return text
 
 
-def _subnet(value: object, file: str, key: str) -> str:
+def _ip_subnet(value: object, file: str, key: str, six: bool) -> str:
+    """An IPv4 subnet of /8 to /30, or with `six` an IPv6 one of /48 to /120, normalised."""
     text = _str(value, file, key)
+    cls, example, lo, hi = ((ipaddress.IPv6Network, "fd77::/64", 48, 120) if six
+                            else (ipaddress.IPv4Network, "10.77.0.0/16", 8, 30))
     try:
-        net = ipaddress.IPv4Network(text)
+        net = cls(text)
     except ValueError as e:
-        raise ConfigError(file, key, f"{text!r} is not an IPv4 subnet like \"10.77.0.0/16\" "
-                          f"({e})") from None
-    if "/" not in text or net.prefixlen > 30 or net.prefixlen < 8:
-        raise ConfigError(file, key, f"{text!r} must give a prefix length from /8 to /30")
+        raise ConfigError(file, key, f"{text!r} is not an IPv{6 if six else 4} subnet like "
+                          f"\"{example}\" ({e})") from None
+    if "/" not in text or not lo <= net.prefixlen <= hi:
+        raise ConfigError(file, key, f"{text!r} must give a prefix length from /{lo} to /{hi}")
     return str(net)
+
+
+def _subnet(value: object, file: str, key: str) -> str:
+    return _ip_subnet(value, file, key, six=False)
 
 
 def _subnet6(value: object, file: str, key: str) -> str:
-    text = _str(value, file, key)
-    try:
-        net = ipaddress.IPv6Network(text)
-    except ValueError as e:
-        raise ConfigError(file, key, f"{text!r} is not an IPv6 subnet like \"fd77::/64\" "
-                          f"({e})") from None
-    if "/" not in text or not 48 <= net.prefixlen <= 120:
-        raise ConfigError(file, key, f"{text!r} must give a prefix length from /48 to /120")
-    return str(net)
+    return _ip_subnet(value, file, key, six=True)
 
 
 def _bridge_settings(value: object, file: str, key: str) -> BridgeSettings:
