@@ -189,6 +189,9 @@ class HostState:
                 say(f"{table} has rules now, left as it is: {rules}")
 
 
+NETAVARK_PATHS = ("/usr/lib/podman/netavark", "/usr/libexec/podman/netavark")
+
+
 def bench_podman(tmp: Path, rootfs: Path, runs: int) -> dict[str, Any]:
     base = Path(tempfile.mkdtemp(prefix="pnb", dir="/tmp"))  # podman: run root < 50 chars
     conf = base / "containers.conf"
@@ -262,9 +265,15 @@ def main() -> int:
         rootfs = build_rootfs(tmp)
         say("corral: Network.up / Network.down")
         results["corral"] = bench_corral(tmp, rootfs, args.runs)
-        if not args.no_podman and shutil.which("podman"):
+        netavark = any(os.path.exists(p) for p in NETAVARK_PATHS)
+        if args.no_podman:
+            pass
+        elif shutil.which("podman") and netavark:
             say("podman + netavark: podman run --rm, --network none vs bridge + port")
             results["podman"] = bench_podman(tmp, rootfs, args.runs)
+        else:
+            say("podman or netavark is not installed (apt-get install podman netavark "
+                "nftables): the podman part is skipped")
     print(json.dumps(results, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
