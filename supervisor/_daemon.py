@@ -364,7 +364,9 @@ class ContainerSupervisor:
                     continue
                 self.reason = decision.reason
                 if self._stop_requested.is_set():
-                    self._set("stopped", decision.reason)
+                    if not self._stopped_by_user:  # the daemon's own shutdown
+                        self.reason = f"{cause.describe()}: stopped with the daemon"
+                    self._set("stopped", self.reason)
                 else:
                     self._set("fatal" if isinstance(decision, Fatal) else "exited",
                               decision.reason)
