@@ -66,6 +66,15 @@ def proc_stat(pid: int) -> tuple[str, int] | None:
     return rest[0].decode(), int(rest[19])
 
 
+def process_runs(pid: int, start_time: int) -> bool:
+    """Whether process `pid`, started at `start_time` (clock ticks), runs: not a zombie, and
+    not another process that reuses the pid."""
+    if pid <= 0:
+        return False
+    st = proc_stat(pid)
+    return st is not None and st[0] not in "ZX" and st[1] == start_time
+
+
 def rfc3339_now() -> str:
     """The current UTC time as RFC 3339 with nanoseconds, as runc prints `created`."""
     ns = time.time_ns()
@@ -124,10 +133,7 @@ class State:
 
     def init_alive(self) -> bool:
         """True while the recorded init runs (not a zombie, and not a reused pid)."""
-        if self.pid <= 0:
-            return False
-        st = proc_stat(self.pid)
-        return st is not None and st[0] not in "ZX" and st[1] == self.start_time
+        return process_runs(self.pid, self.start_time)
 
     def status(self) -> str:
         """created | running | paused | stopped, from the live process and cgroup."""

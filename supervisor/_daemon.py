@@ -34,7 +34,7 @@ import trio
 from corral.runtime import _container
 from corral.runtime._errors import CorralError
 from corral.runtime._oom import CONTAINER, OomKill, OomWatcher
-from corral.runtime._state import Root, State, proc_stat, write_atomic
+from corral.runtime._state import Root, State, process_runs, write_atomic
 
 from . import _faults as faults
 from . import _records
@@ -503,10 +503,7 @@ class ContainerSupervisor:
                     if watcher is not None:
                         nursery.start_soon(self._watch_oom, watcher, kills, run.cgroup)
                     nursery.start_soon(self._stopper)
-                    if run.via_helper:
-                        info = await ctx.helper.wait_exit(self.name)
-                    else:
-                        await _wait_pidfd(run.pid, run.start_time)
+                    info = await _wait_end(ctx, self.name, run)
                     nursery.cancel_scope.cancel()
             if watcher is not None:
                 kills += await _thread(ctx.limiter, watcher.final_check)
@@ -586,16 +583,19 @@ async def _wait_pidfd(pid: int, start_time: int) -> None:
     except ProcessLookupError:
         return
     try:
-        if _runs(pid, start_time):  # the pidfd is of the same process, not a reused pid
+        if process_runs(pid, start_time):  # the pidfd is of this process, not a reused pid
             await trio.lowlevel.wait_readable(fd)
     finally:
         os.close(fd)
 
 
-def _runs(pid: int, start_time: int) -> bool:
-    """Whether process `pid`, started at `start_time` (clock ticks), runs (not a zombie)."""
-    st = proc_stat(pid)
-    return st is not None and st[0] not in "ZX" and st[1] == start_time
+async def _wait_end(ctx: Context, cid: str, run: Run) -> ExitInfo | None:
+    """Wait for `run` to end: its exit from the helper when the helper is its parent, else
+    (adopted without the helper) through a pidfd, with no status (None)."""
+    if run.via_helper:
+        return await ctx.helper.wait_exit(cid)
+    await _wait_pidfd(run.pid, run.start_time)
+    return None
 
 
 @attrs.define(eq=False)
@@ -851,13 +851,10 @@ async def _retire(ctx: Context, cid: str, run: Run, why: str) -> None:
     """Stop a container that cannot be adopted (`why`), record nothing, delete it."""
     log.warning("%s: %s: stopping it", cid, why)
     info = run.exit
-    if info is None and (run.via_helper or _runs(run.pid, run.start_time)):
+    if info is None and (run.via_helper or process_runs(run.pid, run.start_time)):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_stop_container, ctx, cid, signal.SIGTERM, 10.0)
-            if run.via_helper:
-                info = await ctx.helper.wait_exit(cid)
-            else:
-                await _wait_pidfd(run.pid, run.start_time)
+            info = await _wait_end(ctx, cid, run)
             nursery.cancel_scope.cancel()
     for fd in (run.out, run.err):
         if fd >= 0:
