@@ -195,6 +195,10 @@ class ContainerSupervisor:
     _handled: int = attrs.field(init=False, default=0)  # pid of the last recorded exit
     _live: bool = attrs.field(init=False, default=False)  # a container exists in the runtime
     _clean: bool = attrs.field(init=False, default=False)  # we deleted it: no leftover to check
+    # Its last run ended and it was not deleted: the helper pins its namespaces, so that a
+    # restart respawns it in place (runtime/_respawn.py); deleted if no restart follows.
+    _kept: bool = attrs.field(init=False, default=False)
+    _cgroup: dict[str, Any] | None = attrs.field(init=False, default=None)  # for a respawn
     _bundle_net: tuple[Any, ...] | None = attrs.field(init=False, default=None)  # written for
     _save_lock: trio.Lock = attrs.field(init=False, factory=trio.Lock)
 
@@ -363,6 +367,7 @@ class ContainerSupervisor:
                     self._backoff_scope = None
                     continue
                 self.reason = decision.reason
+                await self._discard()
                 if self._stop_requested.is_set():
                     if not self._stopped_by_user:  # the daemon's own shutdown
                         self.reason = f"{cause.describe()}: stopped with the daemon"
@@ -372,6 +377,7 @@ class ContainerSupervisor:
                               decision.reason)
                 await self.save()
                 return
+            await self._discard()
             if self.state in ("backoff", "stopping", "running", "starting"):
                 if self._stopped_by_user:
                     self.restart.on_user_stop()
@@ -400,7 +406,9 @@ class ContainerSupervisor:
         self._set("starting", f"start {self.starts + 1}")
         out_r = out_w = err_r = err_w = -1
         try:
-            await _thread(ctx.limiter, os.makedirs, ctx.log_dir, 0o755, True)
+            reuse, self._kept = self._kept, False
+            if not reuse:  # a respawn's last run had it
+                await _thread(ctx.limiter, os.makedirs, ctx.log_dir, 0o755, True)
             net = None
             if self.spec.network.mode == "bridge":
                 if ctx.network is None:
@@ -409,7 +417,7 @@ class ContainerSupervisor:
             if self._bundle_net != (net,):  # a restart reuses the bundle it wrote
                 await _thread(ctx.limiter, _write_bundle, self.spec, self.bundle, net)
                 self._bundle_net = (net,)
-            if not self._clean:
+            if not self._clean and not reuse:
                 # A container of this name left over (a daemon crash) is in the way.
                 await _thread(ctx.limiter, _container.delete, ctx.root, self.name, True)
             self._clean = False
@@ -417,9 +425,16 @@ class ContainerSupervisor:
             err_r, err_w = os.pipe2(os.O_CLOEXEC)
             faults.hit("create")
             self._live = True
-            pid = await ctx.helper.create(self.name, self.bundle, out_w, err_w, (out_r, err_r))
+            pid, respawned = await ctx.helper.start(
+                self.name, self.bundle, out_w, err_w, (out_r, err_r),
+                pin=self.spec.restart.policy != "no", reuse=reuse)
             faults.hit("created")
-            start_time, cgroup = await _thread(ctx.limiter, _init_of, ctx.root, self.name)
+            if respawned is not None and self._cgroup is not None:
+                start_time, cgroup = respawned, self._cgroup  # the same cgroup as before
+            else:
+                start_time, cgroup = await _thread(ctx.limiter, _init_of, ctx.root, self.name)
+            if self.spec.restart.policy != "no":
+                self._cgroup = cgroup
         except (HelperError, CorralError, OSError, ValueError, NetworkError) as e:
             for fd in (out_r, err_r):  # the write ends: below
                 if fd >= 0:
@@ -435,7 +450,9 @@ class ContainerSupervisor:
                     os.close(fd)
         self.starts += 1
         self.restart.on_start(trio.current_time())
-        self._init, self._oom_base = (pid, start_time), 0
+        self._init = (pid, start_time)
+        if respawned is None:  # a new cgroup; a respawn keeps the old one and its count
+            self._oom_base = 0
         return await self._attend(Run(pid, start_time, cgroup, out_r, err_r))
 
     async def _attend(self, run: Run) -> ExitCause:
@@ -461,15 +478,31 @@ class ContainerSupervisor:
             if info is not None:
                 await ctx.helper.ack(info)
             faults.hit("acked")
-            with trio.CancelScope(shield=True, deadline=trio.current_time() + CLEANUP_DEADLINE):
-                try:
-                    await _thread(ctx.limiter, _container.delete, ctx.root, self.name, True)
-                    self._live = False
-                    self._clean = True  # nothing of ours is left under this name
-                except (CorralError, OSError) as e:
-                    log.warning("%s: delete failed: %s", self.name, e)
+            if self.spec.restart.policy != "no" and not self._stop_requested.is_set():
+                self._kept = True  # for a respawn: `run` deletes it if no restart follows
+            else:
+                await self._discard()
             readers.cancel_scope.deadline = trio.current_time() + LOG_DRAIN
         return cause
+
+    async def _discard(self) -> None:
+        """Delete the stopped container (unpinning it first when it was kept)."""
+        ctx = self.ctx
+        if not self._live:
+            return
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + CLEANUP_DEADLINE):
+            if self._kept:
+                self._kept = False
+                try:
+                    await ctx.helper.release(self.name)
+                except (HelperError, HelperGone):
+                    pass  # a lost helper took its pins with it
+            try:
+                await _thread(ctx.limiter, _container.delete, ctx.root, self.name, True)
+                self._live = False
+                self._clean = True  # nothing of ours is left under this name
+            except (CorralError, OSError) as e:
+                log.warning("%s: delete failed: %s", self.name, e)
 
     async def _count_ooms(self, cgroup: dict[str, Any]) -> int:
         """Add what the container cgroup's ``oom_kill`` grew by since last looked; returns
@@ -551,6 +584,11 @@ class ContainerSupervisor:
             except CorralError as e:
                 log.info("%s: %s", self.name, e)
         stop = self.spec.stop
+        if self.spec.restart.policy != "no":
+            try:  # no standby for a respawn that will not come (runtime/_respawn.py)
+                await self.ctx.helper.release(self.name)
+            except (HelperError, HelperGone):
+                pass
         self._set("stopping", f"{stop.signal.name}, SIGKILL after {stop.timeout:g}s")
         await _stop_container(self.ctx, self.name, stop.signal, stop.timeout)
 

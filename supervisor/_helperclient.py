@@ -281,7 +281,8 @@ class HelperClient:
         return slot.reply
 
     async def create(self, cid: str, bundle: str | os.PathLike[str], stdout_fd: int,
-                     stderr_fd: int, keep: tuple[int, int] | None = None) -> int:
+                     stderr_fd: int, keep: tuple[int, int] | None = None, *,
+                     pin: bool = False, reuse: bool = False) -> int:
         """Create and start container `cid` from `bundle`; returns its init's pid.
 
         The fds become the container's stdout and stderr (stdin is /dev/null); they are
@@ -295,15 +296,37 @@ class HelperClient:
             stderr_fd: the fd for the container's stderr.
             keep: the read ends of those pipes, for the helper to hold while the container
                 lives (`attach` gives them back to a restarted daemon).
+            pin: have the helper pin the container's namespaces, so that after its exit it
+                can be respawned in place (`reuse`); `release` unpins them.
+            reuse: `cid` is such a stopped container: respawn it when the helper can, else
+                delete what is left of it and create it anew.
 
         Raises:
             HelperError: the create failed; the message is `corral create`'s.
             HelperGone: the connection closed.
         """
+        return (await self.start(cid, bundle, stdout_fd, stderr_fd, keep, pin=pin,
+                                 reuse=reuse))[0]
+
+    async def start(self, cid: str, bundle: str | os.PathLike[str], stdout_fd: int,
+                    stderr_fd: int, keep: tuple[int, int] | None = None, *,
+                    pin: bool = False, reuse: bool = False) -> tuple[int, int | None]:
+        """`create`, returning also, when the helper respawned the container in place (its
+        cgroup, and so its counters, are the last run's) rather than created it, the new
+        init's start time (as in state.json); else None."""
         self._exits.pop(cid, None)
-        reply = await self._request({"op": "create", "id": cid, "bundle": os.fspath(bundle)},
-                                    [stdout_fd, stderr_fd, *(keep or ())])
-        return int(reply["pid"])
+        req: dict[str, Any] = {"op": "create", "id": cid, "bundle": os.fspath(bundle)}
+        if pin:
+            req["pin"] = True
+        if reuse:
+            req["reuse"] = True
+        reply = await self._request(req, [stdout_fd, stderr_fd, *(keep or ())])
+        respawned = reply.get("respawned") is True
+        return int(reply["pid"]), int(reply.get("start_time", 0)) if respawned else None
+
+    async def release(self, cid: str) -> None:
+        """Unpin `cid`'s namespaces (see `create`'s `pin`): it will not be respawned."""
+        await self._send({"op": "release", "id": cid})
 
     async def attach(self, cid: str) -> tuple[int, int] | None:
         """The read ends of `cid`'s stdout and stderr pipes that the helper keeps (new fds,

@@ -15,10 +15,16 @@ which is single-threaded and blocking, and which:
 Protocol: one JSON object per datagram, in both directions. Requests carry a `seq` that the
 reply repeats:
 
-    {"op":"create","seq":N,"id":ID,"bundle":ABSDIR}
+    {"op":"create","seq":N,"id":ID,"bundle":ABSDIR[,"pin":true][,"reuse":true]}
             + SCM_RIGHTS [stdout, stderr] or [stdout, stderr, stdout-read, stderr-read]
-        -> {"op":"created","seq":N,"id":ID,"pid":PID}
+        -> {"op":"created","seq":N,"id":ID,"pid":PID[,"respawned":true,"start_time":T]}
          | {"op":"error","seq":N,"id":ID,"msg":TEXT}
+            pin: once created, pin the init's namespaces (runtime/_respawn.py) so that the
+            container can be respawned in place after its exit; reuse: this id is a stopped
+            container kept so: respawn it (in the helper itself, a few ms) when it is
+            pinned and can be, else delete what is left of it and create it anew.
+    {"op":"release","id":ID}   (no reply) unpin ID: it will not be respawned. A new client
+                               releases every pin (it decides afresh what to restart).
     {"op":"list","seq":N}      -> {"op":"list","seq":N,"containers":[{"id":ID,"pid":PID}],
                                    "creating":[ID]}  (creates in progress)
     {"op":"attach","seq":N,"id":ID}
@@ -75,6 +81,8 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from corral.runtime import _linux
 from corral.runtime._container import CreateOptions, create_container, delete, start
 from corral.runtime._errors import CorralError
+from corral.runtime._respawn import NotRespawnable, Standby, abort, go, keep, prepare
+from corral.runtime._respawn import release as release_fds
 from corral.runtime._state import Root, validate_id
 
 if TYPE_CHECKING:
@@ -86,6 +94,11 @@ MAX_FDS = 8
 MAX_PENDING_CONNECTIONS = 4
 MAX_UNACKED_EVENTS = 100_000
 SHUTDOWN_FLUSH_SECONDS = 2.0
+# How long a standby (a respawn's new init, prepared when a kept container's init exits) waits
+# for the daemon's restart before it is killed: zero and short backoffs find it ready; a
+# longer one respawns without it (a few ms more), rather than keep a process per crashed
+# container around.
+STANDBY_SECONDS = 2.0
 _PEERCRED = struct.Struct("3i")
 
 
@@ -164,9 +177,13 @@ def listen(path: str) -> tuple[socket.socket, tuple[int, int]]:
 # ------------------------------------------------------------------------------------------
 
 
-def _create_and_start(root: Root, cid: str, bundle: str) -> dict[str, Any]:
-    """What `corral create` then `corral start` do; the result to report."""
+def _create_and_start(root: Root, cid: str, bundle: str, replace: bool = False
+                      ) -> dict[str, Any]:
+    """What `corral create` then `corral start` do; the result to report. `replace`: what
+    is left of a stopped container of this id (kept for a respawn) is deleted first."""
     try:
+        if replace:
+            delete(root, cid, force=True)
         st = create_container(root, cid, CreateOptions(bundle=bundle))
     except CorralError as e:
         return {"ok": False, "msg": str(e)}
@@ -190,11 +207,12 @@ def _create_and_start(root: Root, cid: str, bundle: str) -> dict[str, Any]:
 class _Create:
     """One create in progress: its creator child and the read end of its result pipe."""
 
-    __slots__ = ("buf", "cid", "conn", "creator", "logs", "rfd", "seq")
+    __slots__ = ("buf", "cid", "conn", "creator", "keep", "logs", "rfd", "seq")
 
     def __init__(self, creator: int, seq: Any, cid: str, rfd: int, conn: socket.socket,
-                 logs: tuple[int, int] | None) -> None:
+                 logs: tuple[int, int] | None, keep: bool = False) -> None:
         self.creator = creator
+        self.keep = keep  # pin the init's namespaces once created, for a respawn
         self.seq = seq
         self.cid = cid
         self.rfd = rfd
@@ -224,6 +242,8 @@ class Helper:
         self.events: collections.OrderedDict[int, bytes] = collections.OrderedDict()
         self.event_ids: dict[int, str] = {}  # eseq of an exit event -> container id
         self.logs: dict[str, tuple[int, int]] = {}  # id -> read ends of stdout, stderr
+        self.kept: dict[str, list[int]] = {}  # id -> its pinned namespaces (runtime._respawn)
+        self.standbys: dict[str, tuple[Standby, float]] = {}  # id -> standby, its deadline
         self.eseq = 0
         self.creates: dict[int, _Create] = {}  # by creator pid
         self.inits: dict[str, int] = {}  # id -> init pid
@@ -281,13 +301,20 @@ class Helper:
             if c.rfd >= 0:
                 watch(c.rfd, select.POLLIN, functools.partial(self.on_result, c))
         timeout = -1
+        deadlines = [d for _s, d in self.standbys.values()]
         if self.flush_deadline is not None:
-            timeout = max(0, int((self.flush_deadline - time.monotonic()) * 1000)) + 1
+            deadlines.append(self.flush_deadline)
+        if deadlines:
+            timeout = max(0, int((min(deadlines) - time.monotonic()) * 1000)) + 1
         for fd, ev in poller.poll(timeout):
             try:
                 handlers[fd](ev)
             except Exception:
                 _log(f"internal error handling fd {fd}:\n" + traceback.format_exc())
+        now = time.monotonic()
+        for cid, (_s, deadline) in list(self.standbys.items()):
+            if now >= deadline:
+                self.drop_standby(cid)
 
     def close(self) -> None:
         for conn in [*self.pending, *([self.client] if self.client else [])]:
@@ -336,6 +363,10 @@ class Helper:
             self.client.close()
         self.client = conn
         self.outbox = collections.deque(self.events.values())
+        # A new daemon decides afresh what to restart: a kept container of the old one is
+        # created anew, or deleted, never respawned, so nothing would ever release its pins.
+        for cid in list(self.kept):
+            self.release(cid)
 
     def drop_client(self, why: str) -> None:
         if self.client is not None:
@@ -446,6 +477,34 @@ class Helper:
         for fd in self.logs.pop(cid, ()):
             os.close(fd)
 
+    def release(self, cid: str) -> None:
+        """Unpin `cid`'s namespaces: the container is not going to be respawned."""
+        self.drop_standby(cid)
+        release_fds(self.kept.pop(cid, []))
+
+    def drop_standby(self, cid: str) -> None:
+        got = self.standbys.pop(cid, None)
+        if got is not None:
+            abort(got[0])  # reaped as a job
+
+    def prepare_standby(self, cid: str) -> None:
+        """Kept container `cid`'s init exited: make its next init ready (runtime._respawn)
+        while the daemon decides; `respawn` uses it, else it is killed."""
+        if self.shutting_down or cid not in self.kept:
+            return
+        try:
+            standby = prepare(self.root, cid, self.kept[cid])
+        except CorralError as e:
+            _log(f"no standby for {cid}: {e}")
+            if isinstance(e, NotRespawnable):
+                self.release(cid)
+            return
+        except OSError as e:
+            _log(f"no standby for {cid}: {e}")
+            return
+        self.jobs.add(standby.pid)
+        self.standbys[cid] = (standby, time.monotonic() + STANDBY_SECONDS)
+
     # -- requests ----------------------------------------------------------------------------
     def request(self, conn: socket.socket, data: bytes, fds: list[int]) -> None:
         try:
@@ -469,6 +528,10 @@ class Helper:
                                   "msg": f"no pipes kept for container {cid!r}"})
             else:
                 self.reply(conn, {"op": "attached", "seq": seq, "id": cid}, list(logs))
+        elif op == "release":
+            cid = msg.get("id")
+            if isinstance(cid, str):
+                self.release(cid)
         elif op == "ping":
             self.reply(conn, {"op": "pong", "seq": seq, "pid": os.getpid()})
         elif op == "list":
@@ -505,6 +568,10 @@ class Helper:
             return f"create {cid}: the helper is shutting down"
         if cid in self.inits or any(c.cid == cid for c in self.creates.values()):
             return f"container {cid!r} is already running or being created by this helper"
+        reuse = msg.get("reuse") is True
+        if reuse and cid in self.kept and self.respawn(conn, msg, fds):
+            return None
+        self.release(cid)
         rfd, wfd = os.pipe2(os.O_CLOEXEC)
         try:
             sys.stderr.flush()
@@ -514,14 +581,48 @@ class Helper:
             os.close(wfd)
             return f"create {cid}: fork: {e.strerror}"
         if pid == 0:
-            self.creator(cid, bundle, fds, rfd, wfd)
+            self.creator(cid, bundle, fds, rfd, wfd, replace=reuse)
         os.close(wfd)
         os.set_blocking(rfd, False)
         logs = (os.dup(fds[2]), os.dup(fds[3])) if len(fds) == 4 else None  # close-on-exec
-        self.creates[pid] = _Create(pid, msg.get("seq"), cid, rfd, conn, logs)
+        self.creates[pid] = _Create(pid, msg.get("seq"), cid, rfd, conn, logs,
+                                    keep=msg.get("pin") is True)
         return None
 
-    def creator(self, cid: str, bundle: str, fds: list[int], rfd: int, wfd: int) -> NoReturn:
+    def respawn(self, conn: socket.socket, msg: dict[str, Any], fds: list[int]) -> bool:
+        """Start kept container `msg["id"]` again in place (runtime._respawn): through its
+        standby when there is one, else preparing one now (a few ms in this process);
+        False when it cannot be (said in the log): create it anew."""
+        cid = msg["id"]
+        null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        got = self.standbys.pop(cid, None)
+        try:
+            if got is not None:
+                standby = got[0]
+            else:
+                standby = prepare(self.root, cid, self.kept[cid])
+                self.jobs.add(standby.pid)
+            pid = go(self.root, standby, (null, fds[0], fds[1]))
+        except (CorralError, OSError) as e:
+            _log(f"{e}; creating it anew" if isinstance(e, NotRespawnable)
+                 else f"respawn of {cid} failed ({e}); creating it anew")
+            self.release(cid)
+            return False
+        finally:
+            os.close(null)
+        self.jobs.discard(pid)
+        self.close_logs(cid)  # the last run's, if its exit is still unacked
+        if len(fds) == 4:
+            self.logs[cid] = (os.dup(fds[2]), os.dup(fds[3]))
+        self.inits[cid] = pid
+        self.init_ids[pid] = cid
+        _log(f"respawned {cid}, init pid {pid}")
+        self.reply(conn, {"op": "created", "seq": msg.get("seq"), "id": cid, "pid": pid,
+                          "respawned": True, "start_time": standby.start_time})
+        return True
+
+    def creator(self, cid: str, bundle: str, fds: list[int], rfd: int, wfd: int,
+                replace: bool = False) -> NoReturn:
         """The forked child: stdio, create, start, report, exit. Never returns."""
         result: dict[str, Any] = {"ok": False, "msg": "creator failed before creating"}
         try:
@@ -530,6 +631,10 @@ class Helper:
             for fd in (rfd, self.wake_r, self.wake_w,
                        *(c.rfd for c in self.creates.values() if c.rfd >= 0)):
                 os.close(fd)
+            for kept in self.kept.values():
+                release_fds(kept)
+            for standby, _deadline in self.standbys.values():
+                standby.sock.close()
             for s in (self.listener, *self.pending, *([self.client] if self.client else [])):
                 s.close()  # only this process's fd: close() does no shutdown()
             # The received fds are >= 3 (main() keeps 0-2 open), so the dup2s cannot clash.
@@ -539,7 +644,7 @@ class Helper:
             os.dup2(fds[1], 2)
             for fd in {null, *fds} - {0, 1, 2}:
                 os.close(fd)
-            result = _create_and_start(self.root, cid, bundle)
+            result = _create_and_start(self.root, cid, bundle, replace)
         except BaseException as e:
             result = {"ok": False, "msg": f"creator: {type(e).__name__}: {e}"}
         finally:
@@ -588,6 +693,11 @@ class Helper:
                 self.logs[c.cid] = c.logs
             self.inits[c.cid] = pid
             self.init_ids[pid] = c.cid
+            if c.keep and pid not in self.early:
+                try:
+                    self.kept[c.cid] = keep(pid)
+                except OSError as e:  # gone already, or out of fds: no respawn, that is all
+                    _log(f"cannot keep the namespaces of {c.cid}: {e}")
             _log(f"created {c.cid}, init pid {pid}")
             self.reply(c.conn, {"op": "created", "seq": c.seq, "id": c.cid, "pid": pid})
             if pid in self.early:  # reaped before its creator (see reap)
@@ -671,6 +781,7 @@ class Helper:
         sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
         _log(f"container {cid} (pid {pid}) {_describe(status)}")
         self.event({"op": "exit", "id": cid, "pid": pid, "code": code, "signal": sig})
+        self.prepare_standby(cid)
 
 
 def _fds_of(anc: list[tuple[int, int, bytes]]) -> list[int]:
