@@ -119,6 +119,7 @@ def _created_and_killed(rt: Runtime, cf: Any, args: list[str], mode: str, out: P
 
 
 @pytest.mark.root
+@pytest.mark.cgroup
 def test_respawn_keeps_the_namespaces_and_makes_a_new_pid_namespace_and_proc(
         rt: Runtime, cf: Any, tmp_path: Path) -> None:
     out = tmp_path / "out"
@@ -264,6 +265,7 @@ def test_corrald_respawns_a_crash_loop_in_place(corrald: Corrald) -> None:
 
 
 @pytest.mark.root
+@pytest.mark.cgroup
 def test_corrald_counts_each_oom_kill_of_a_respawned_container_once(corrald: Corrald) -> None:
     name = corrald.add("sleep 0.2; tail /dev/zero",
                        '[restart]\npolicy = "on-failure"\nmax_retries = 2\n'
