@@ -68,8 +68,7 @@ TYPE_CHECKING = False  # typing costs ~4 ms to import; mypy honours this name
 if TYPE_CHECKING:
     from typing import Any, NoReturn
 
-    from ._cgroups import Manager
-
+_CGROUP_ROOT = "/sys/fs/cgroup"
 STEP_TIMEOUT = 10.0  # seconds a standby may take to get ready, or to exec after `go`
 
 # The namespaces kept, in the order the new init joins them: the mount namespace last, since
@@ -191,7 +190,7 @@ def prepare(root: Root, cid: str, kept: list[int]) -> Standby:
                     # The lock's fd goes with the standby, which holds the lock until it is
                     # in every cgroup: a `delete` then sees it in all of them, or none.
                     ours.close()
-                    _standby(st.config, mgr, kept, theirs, cid, lock.fd)
+                    _standby(st.config, st.cgroup, kept, theirs, cid, lock.fd)
             finally:
                 # Our next children belong to our own pid namespace again. Failing that,
                 # the caller's every later fork would be pid 1 of a namespace: never go on.
@@ -264,7 +263,7 @@ def respawn(root: Root, cid: str, kept: list[int], stdio: tuple[int, int, int]) 
     return standby
 
 
-def _standby(cfg: dict[str, Any], mgr: Manager | None, kept: list[int], sock: _sys.Socket,
+def _standby(cfg: dict[str, Any], cg: dict[str, Any], kept: list[int], sock: _sys.Socket,
              cid: str, lock_fd: int) -> NoReturn:
     """Pid 1 of the new pid namespace: join, rebuild /proc, set up, wait for `go`, exec."""
     handed = False
@@ -283,8 +282,7 @@ def _standby(cfg: dict[str, Any], mgr: Manager | None, kept: list[int], sock: _s
         # Everything from the host first: after the mount namespace nothing can be imported
         # or loaded (the container has no Python, nor libseccomp).
         filt = prepare_filter(lx["seccomp"]) if lx.get("seccomp") else None
-        if mgr is not None:
-            mgr.add_pid(0)  # 0: the writer itself; before its cgroup namespace is joined
+        _join_cgroups(cg)  # before its cgroup namespace is joined
         os.close(lock_fd)
         for fd, (_name, flag) in zip(kept, KEPT, strict=True):
             L.setns(fd, flag)
@@ -329,6 +327,78 @@ def _standby(cfg: dict[str, Any], mgr: Manager | None, kept: list[int], sock: _s
             sock.send(b"F" + msg.encode()[:4000])
         finally:
             os._exit(127 if handed else 1)
+
+
+def _join_cgroups(cg: dict[str, Any]) -> None:
+    """Move this (single-threaded) process into the container's cgroups.
+
+    Each write to a `cgroup.procs` takes the kernel's global cgroup_threadgroup_rwsem for
+    writing, and the first after an idle spell waits for an RCU grace period (5-20 ms, on
+    these machines up to 20 ms when idle). A v1 `tasks` write of "0" moves only the writing
+    thread, which since Linux 6.0 skips that lock; for a single-threaded process it moves the
+    whole process. So on v1 that is what is written. cgroup2 takes no thread moves across
+    domains: a pure v2 host gets `cgroup.procs` (and its wait). The unified hierarchy of a
+    hybrid host, which only tracks processes when no controller is enabled in it, is left to
+    `settle_unified` after the exec, unless it has controllers.
+    """
+    if cg.get("version") == 2:
+        with open(os.path.join(cg["path"], "cgroup.procs"), "w") as f:
+            f.write("0")
+        return
+    unified = cg.get("unified")
+    if unified and _has_controllers(unified):
+        with open(os.path.join(unified, "cgroup.procs"), "w") as f:
+            f.write("0")
+    for d in cg.get("paths", {}).values():
+        with open(os.path.join(d, "tasks"), "w") as f:
+            f.write("0")
+
+
+def _has_controllers(cgroup2_dir: str) -> bool:
+    try:
+        with open(os.path.join(cgroup2_dir, "cgroup.controllers")) as f:
+            return bool(f.read().split())
+    except OSError:
+        return True  # unknown: do it the safe way
+
+
+def settle_unified(cg: dict[str, Any]) -> int:
+    """Move every process of a respawned container (on a hybrid host) into its cgroup of the
+    unified hierarchy; returns how many were moved. Blocking (a grace period): a thread's.
+
+    The new init joined the v1 hierarchies itself and exec'd at once (see _join_cgroups):
+    what it forked meanwhile inherited the caller's unified cgroup. Processes are listed from
+    a v1 cgroup of the container and moved until a pass finds them all in place."""
+    unified = cg.get("unified")
+    paths = list((cg.get("paths") or {}).values())
+    if cg.get("version") == 2 or not unified or not paths:
+        return 0
+    want = "0::" + unified[len(os.path.join(_CGROUP_ROOT, "unified")):]
+    moved = 0
+    for _pass in range(10):
+        todo = []
+        try:
+            with open(os.path.join(paths[0], "cgroup.procs")) as f:
+                pids = [int(x) for x in f.read().split()]
+        except OSError:
+            return moved  # deleted meanwhile
+        for pid in pids:
+            try:
+                with open(f"/proc/{pid}/cgroup") as f:
+                    if want + "\n" not in f.read():
+                        todo.append(pid)
+            except OSError:
+                continue  # gone
+        if not todo:
+            return moved
+        for pid in todo:
+            try:
+                with open(os.path.join(unified, "cgroup.procs"), "w") as f:
+                    f.write(str(pid))
+                moved += 1
+            except OSError:
+                continue  # gone meanwhile
+    return moved
 
 
 def _new_proc(cfg: dict[str, Any]) -> None:

@@ -34,6 +34,7 @@ import trio
 from corral.runtime import _container
 from corral.runtime._errors import CorralError
 from corral.runtime._oom import CONTAINER, OomKill, OomWatcher
+from corral.runtime._respawn import settle_unified
 from corral.runtime._state import Root, State, process_runs, write_atomic
 
 from . import _faults as faults
@@ -199,6 +200,7 @@ class ContainerSupervisor:
     # restart respawns it in place (runtime/_respawn.py); deleted if no restart follows.
     _kept: bool = attrs.field(init=False, default=False)
     _cgroup: dict[str, Any] | None = attrs.field(init=False, default=None)  # for a respawn
+    _settle: bool = attrs.field(init=False, default=False)  # see runtime._respawn.settle_unified
     _bundle_net: tuple[Any, ...] | None = attrs.field(init=False, default=None)  # written for
     _save_lock: trio.Lock = attrs.field(init=False, factory=trio.Lock)
 
@@ -453,6 +455,7 @@ class ContainerSupervisor:
         self._init = (pid, start_time)
         if respawned is None:  # a new cgroup; a respawn keeps the old one and its count
             self._oom_base = 0
+        self._settle = respawned is not None and bool(cgroup.get("unified"))
         return await self._attend(Run(pid, start_time, cgroup, out_r, err_r))
 
     async def _attend(self, run: Run) -> ExitCause:
@@ -463,6 +466,9 @@ class ContainerSupervisor:
             for fd, stream in ((run.out, "stdout"), (run.err, "stderr")):
                 if fd >= 0:
                     readers.start_soon(pump, fd, stream, self._logfile, ctx.limiter)
+            if self._settle:
+                self._settle = False
+                readers.start_soon(self._settle_unified, run.cgroup)
             self.on_running(run)
             self._set("running", f"pid {run.pid}")
             await self.save()  # the start (or the adoption, with what it counted)
@@ -484,6 +490,14 @@ class ContainerSupervisor:
                 await self._discard()
             readers.cancel_scope.deadline = trio.current_time() + LOG_DRAIN
         return cause
+
+    async def _settle_unified(self, cgroup: dict[str, Any]) -> None:
+        """A respawned run joins its hybrid host's unified cgroup after its exec (a grace
+        period's wait, kept out of the restart's way: runtime._respawn.settle_unified)."""
+        try:
+            await _thread(self.ctx.limiter, settle_unified, cgroup)
+        except OSError as e:
+            log.warning("%s: cannot move it into its unified cgroup: %s", self.name, e)
 
     async def _discard(self) -> None:
         """Delete the stopped container (unpinning it first when it was kept)."""
@@ -867,9 +881,12 @@ def _memory_cgroup(cg: dict[str, Any]) -> dict[str, Any]:
     if cg.get("version") == 2:
         return {k: cg[k] for k in ("version", "path") if k in cg}
     keep = [k for k in cg.get("paths") or {} if "memory" in k.split(",")]
-    return {"version": cg.get("version"),
-            "paths": {k: cg["paths"][k] for k in keep},
-            "mounts": {k: cg["mounts"][k] for k in keep if k in (cg.get("mounts") or {})}}
+    out = {"version": cg.get("version"),
+           "paths": {k: cg["paths"][k] for k in keep},
+           "mounts": {k: cg["mounts"][k] for k in keep if k in (cg.get("mounts") or {})}}
+    if cg.get("unified"):  # a hybrid host's: a respawn settles it (runtime/_respawn.py)
+        out["unified"] = cg["unified"]
+    return out
 
 
 def _load_state(root: Root, cid: str) -> State | None:

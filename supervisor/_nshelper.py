@@ -81,7 +81,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from corral.runtime import _linux
 from corral.runtime._container import CreateOptions, create_container, delete, start
 from corral.runtime._errors import CorralError
-from corral.runtime._respawn import NotRespawnable, Standby, abort, go, keep, prepare
+from corral.runtime._respawn import KEPT, NotRespawnable, Standby, abort, go, keep, prepare
 from corral.runtime._respawn import release as release_fds
 from corral.runtime._state import Root, validate_id
 
@@ -177,10 +177,12 @@ def listen(path: str) -> tuple[socket.socket, tuple[int, int]]:
 # ------------------------------------------------------------------------------------------
 
 
-def _create_and_start(root: Root, cid: str, bundle: str, replace: bool = False
-                      ) -> dict[str, Any]:
+def _create_and_start(root: Root, cid: str, bundle: str, replace: bool = False,
+                      pin: list[int] | None = None) -> dict[str, Any]:
     """What `corral create` then `corral start` do; the result to report. `replace`: what
-    is left of a stopped container of this id (kept for a respawn) is deleted first."""
+    is left of a stopped container of this id (kept for a respawn) is deleted first. `pin`:
+    a list to fill with the init's namespace fds (runtime._respawn.keep), taken between
+    create and start, while the init surely lives."""
     try:
         if replace:
             delete(root, cid, force=True)
@@ -192,6 +194,12 @@ def _create_and_start(root: Root, cid: str, bundle: str, replace: bool = False
                 "msg": f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")}
     except Exception as e:  # create_container has removed what it made
         return {"ok": False, "msg": f"{type(e).__name__}: {e}"}
+    note = None
+    if pin is not None:
+        try:
+            pin.extend(keep(st.pid))
+        except OSError as e:  # out of fds, say: no respawn, that is all
+            note = f"cannot keep the namespaces of {cid}: {e}"
     try:
         start(root, cid)
     except Exception as e:
@@ -201,13 +209,13 @@ def _create_and_start(root: Root, cid: str, bundle: str, replace: bool = False
         except Exception as e2:
             msg += f" (and deleting it failed: {e2})"
         return {"ok": False, "msg": f"start: {msg}"}
-    return {"ok": True, "pid": st.pid}
+    return {"ok": True, "pid": st.pid, **({"note": note} if note else {})}
 
 
 class _Create:
     """One create in progress: its creator child and the read end of its result pipe."""
 
-    __slots__ = ("buf", "cid", "conn", "creator", "keep", "logs", "rfd", "seq")
+    __slots__ = ("buf", "cid", "conn", "creator", "fds", "keep", "logs", "rfd", "seq")
 
     def __init__(self, creator: int, seq: Any, cid: str, rfd: int, conn: socket.socket,
                  logs: tuple[int, int] | None, keep: bool = False) -> None:
@@ -219,6 +227,7 @@ class _Create:
         self.conn = conn
         self.logs = logs  # our copies of the pipes' read ends, kept if the create succeeds
         self.buf = b""
+        self.fds: list[int] = []  # the init's namespaces, when `keep` (sent with the result)
 
 
 # ------------------------------------------------------------------------------------------
@@ -572,7 +581,10 @@ class Helper:
         if reuse and cid in self.kept and self.respawn(conn, msg, fds):
             return None
         self.release(cid)
-        rfd, wfd = os.pipe2(os.O_CLOEXEC)
+        # A datagram socket, not a pipe: the result may carry the init's namespaces.
+        rsock, wsock = socket.socketpair(socket.AF_UNIX,
+                                         socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        rfd, wfd = rsock.detach(), wsock.detach()
         try:
             sys.stderr.flush()
             pid = os.fork()
@@ -581,7 +593,7 @@ class Helper:
             os.close(wfd)
             return f"create {cid}: fork: {e.strerror}"
         if pid == 0:
-            self.creator(cid, bundle, fds, rfd, wfd, replace=reuse)
+            self.creator(cid, bundle, fds, rfd, wfd, replace=reuse, pin=msg.get("pin") is True)
         os.close(wfd)
         os.set_blocking(rfd, False)
         logs = (os.dup(fds[2]), os.dup(fds[3])) if len(fds) == 4 else None  # close-on-exec
@@ -622,17 +634,18 @@ class Helper:
         return True
 
     def creator(self, cid: str, bundle: str, fds: list[int], rfd: int, wfd: int,
-                replace: bool = False) -> NoReturn:
+                replace: bool = False, pin: bool = False) -> NoReturn:
         """The forked child: stdio, create, start, report, exit. Never returns."""
         result: dict[str, Any] = {"ok": False, "msg": "creator failed before creating"}
+        kept: list[int] = []
         try:
             signal.set_wakeup_fd(-1)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             for fd in (rfd, self.wake_r, self.wake_w,
                        *(c.rfd for c in self.creates.values() if c.rfd >= 0)):
                 os.close(fd)
-            for kept in self.kept.values():
-                release_fds(kept)
+            for other in self.kept.values():
+                release_fds(other)
             for standby, _deadline in self.standbys.values():
                 standby.sock.close()
             for s in (self.listener, *self.pending, *([self.client] if self.client else [])):
@@ -644,13 +657,18 @@ class Helper:
             os.dup2(fds[1], 2)
             for fd in {null, *fds} - {0, 1, 2}:
                 os.close(fd)
-            result = _create_and_start(self.root, cid, bundle, replace)
+            result = _create_and_start(self.root, cid, bundle, replace,
+                                       kept if pin else None)
         except BaseException as e:
             result = {"ok": False, "msg": f"creator: {type(e).__name__}: {e}"}
         finally:
             code = 0
             try:
-                os.write(wfd, json.dumps(result).encode() + b"\n")
+                data = json.dumps(result).encode() + b"\n"
+                if kept and result.get("ok"):
+                    socket.send_fds(socket.socket(fileno=wfd), [data], kept)
+                else:
+                    os.write(wfd, data)
             except BaseException:
                 code = 1
             os._exit(code)
@@ -662,10 +680,14 @@ class Helper:
 
     def drain(self, c: _Create) -> None:
         while c.rfd >= 0:
+            sock = socket.socket(fileno=c.rfd)
             try:
-                chunk = os.read(c.rfd, MAX_MSG)
+                chunk, fds, _flags, _addr = socket.recv_fds(sock, MAX_MSG, len(KEPT))
             except (BlockingIOError, InterruptedError):
                 return
+            finally:
+                sock.detach()
+            c.fds += fds
             c.buf += chunk
             if not chunk or b"\n" in c.buf:  # EOF, or the whole (one-line) result
                 os.close(c.rfd)
@@ -693,11 +715,11 @@ class Helper:
                 self.logs[c.cid] = c.logs
             self.inits[c.cid] = pid
             self.init_ids[pid] = c.cid
-            if c.keep and pid not in self.early:
-                try:
-                    self.kept[c.cid] = keep(pid)
-                except OSError as e:  # gone already, or out of fds: no respawn, that is all
-                    _log(f"cannot keep the namespaces of {c.cid}: {e}")
+            if result.get("note"):
+                _log(str(result["note"]))
+            if c.keep and len(c.fds) == len(KEPT):
+                self.kept[c.cid], c.fds = c.fds, []
+            release_fds(c.fds)
             _log(f"created {c.cid}, init pid {pid}")
             self.reply(c.conn, {"op": "created", "seq": c.seq, "id": c.cid, "pid": pid})
             if pid in self.early:  # reaped before its creator (see reap)
@@ -705,6 +727,7 @@ class Helper:
             return
         for fd in c.logs or ():
             os.close(fd)
+        release_fds(c.fds)
         if result:
             msg = str(result.get("msg") or "create failed")
         else:

@@ -308,3 +308,30 @@ def test_a_stop_during_backoff_deletes_the_kept_container_and_unpins_it(corrald:
     assert corrald.rt.status(name) is None  # deleted
     assert not any(link.startswith("mnt:") for link in _helper_ns_links(corrald))
     assert corrald.terminate() == 0
+
+
+@pytest.mark.root
+@pytest.mark.cgroup
+def test_a_respawned_container_keeps_its_tmpfs_and_is_in_all_its_cgroups(corrald: Corrald
+                                                                         ) -> None:
+    name = corrald.add("[ -e /dev/shm/again ] && exec sleep 60; touch /dev/shm/again; exit 1",
+                       '[restart]\npolicy = "on-failure"\nbackoff_initial = "0s"\n'
+                       'backoff_jitter = 0.0', memory="32M")
+    corrald.start()
+    m = corrald.wait_for(rf"{name}: state starting -> running \(pid (\d+)\)\n(?:.*\n)*?"
+                         rf".*{name}: state starting -> running \(pid (\d+)\)")
+    pid = int(m.group(2))
+    assert corrald.text.count(f"respawned {name}, init pid {pid}") == 1, corrald.text
+    cgroup = json.loads((corrald.rt.state_root / name / "state.json").read_text())["cgroup"]
+    dirs = [cgroup["path"]] if cgroup["version"] == 2 else [
+        *cgroup["paths"].values(), *([cgroup["unified"]] if cgroup.get("unified") else [])]
+    # The v1 hierarchies at once; a hybrid host's unified one a moment later (settle_unified).
+    deadline = time.monotonic() + TIMEOUT
+    missing = dirs
+    while missing and time.monotonic() < deadline:
+        missing = [d for d in dirs
+                   if str(pid) not in Path(d, "cgroup.procs").read_text().split()]
+        time.sleep(0.05)
+    assert not missing
+    assert corrald.rt.state(name)["pid"] == pid
+    assert corrald.terminate() == 0
