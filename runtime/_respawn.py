@@ -248,11 +248,11 @@ def abort(standby: Standby) -> None:
     if standby.state == "gone":
         return
     standby.state = "gone"
-    standby.sock.close()
     try:
         os.kill(standby.pid, signal.SIGKILL)  # our unreaped child: the pid is still its own
     except ProcessLookupError:
         pass
+    standby.sock.close()
 
 
 def respawn(root: Root, cid: str, kept: list[int], stdio: tuple[int, int, int]) -> Standby:

@@ -110,6 +110,17 @@ def _write_bundle(spec: ContainerSpec, directory: str, net: Attachment | None = 
     return directory
 
 
+def _prepare_run(spec: ContainerSpec, bundle: str, net: Attachment | None, log_dir: str,
+                 write: bool, root: Root | None) -> None:
+    """Before a create (blocking): the log directory, the bundle when `write`, and the
+    deletion of a leftover container of the name when `root` is given."""
+    os.makedirs(log_dir, 0o755, exist_ok=True)
+    if write:
+        _write_bundle(spec, bundle, net)
+    if root is not None:
+        _container.delete(root, spec.name, True)
+
+
 def _show_size(n: int) -> str:
     """``16M`` for 16 MiB: the largest unit that divides `n`."""
     for unit, shift in (("G", 30), ("M", 20), ("K", 10)):
@@ -149,6 +160,8 @@ class Run:
         via_helper: the helper is its parent and reports its exit; else (the helper that
             started it is gone) its end is seen through a pidfd, without a status.
         exit: its exit, when the helper kept one for us while no daemon was connected.
+        fresh: this daemon started it just now (not adopted): no OOM kill can have gone
+            unseen before its watch begins.
     """
 
     pid: int
@@ -158,6 +171,7 @@ class Run:
     err: int = -1
     via_helper: bool = True
     exit: ExitInfo | None = None
+    fresh: bool = False
 
 
 @attrs.define(eq=False)
@@ -409,30 +423,33 @@ class ContainerSupervisor:
         out_r = out_w = err_r = err_w = -1
         try:
             reuse, self._kept = self._kept, False
-            if not reuse:  # a respawn's last run had it
-                await _thread(ctx.limiter, os.makedirs, ctx.log_dir, 0o755, True)
             net = None
             if self.spec.network.mode == "bridge":
                 if ctx.network is None:
                     raise NetworkError("network: this corrald has no bridge network")
                 net = await ctx.network.up(self.spec)
-            if self._bundle_net != (net,):  # a restart reuses the bundle it wrote
-                await _thread(ctx.limiter, _write_bundle, self.spec, self.bundle, net)
-                self._bundle_net = (net,)
-            if not self._clean and not reuse:
-                # A container of this name left over (a daemon crash) is in the way.
-                await _thread(ctx.limiter, _container.delete, ctx.root, self.name, True)
+            write = self._bundle_net != (net,)  # a restart reuses the bundle it wrote
+            # A container of this name left over (a daemon crash) is in the way; a kept one
+            # is for the helper to respawn (or delete).
+            leftover = not self._clean and not reuse
+            if write or leftover or not reuse:  # one thread for all three
+                await _thread(ctx.limiter, _prepare_run, self.spec, self.bundle, net,
+                              ctx.log_dir, write, ctx.root if leftover else None)
+            self._bundle_net = (net,)
             self._clean = False
             out_r, out_w = os.pipe2(os.O_CLOEXEC)
             err_r, err_w = os.pipe2(os.O_CLOEXEC)
             faults.hit("create")
             self._live = True
-            pid, respawned = await ctx.helper.start(
+            started = await ctx.helper.start(
                 self.name, self.bundle, out_w, err_w, (out_r, err_r),
                 pin=self.spec.restart.policy != "no", reuse=reuse)
             faults.hit("created")
-            if respawned is not None and self._cgroup is not None:
-                start_time, cgroup = respawned, self._cgroup  # the same cgroup as before
+            pid, start_time = started.pid, started.start_time
+            if started.respawned and self._cgroup is not None:
+                cgroup = self._cgroup  # the same cgroup as before
+            elif started.cgroup is not None:
+                cgroup = _memory_cgroup(started.cgroup)
             else:
                 start_time, cgroup = await _thread(ctx.limiter, _init_of, ctx.root, self.name)
             if self.spec.restart.policy != "no":
@@ -453,10 +470,10 @@ class ContainerSupervisor:
         self.starts += 1
         self.restart.on_start(trio.current_time())
         self._init = (pid, start_time)
-        if respawned is None:  # a new cgroup; a respawn keeps the old one and its count
+        if not started.respawned:  # a new cgroup; a respawn keeps the old one and its count
             self._oom_base = 0
-        self._settle = respawned is not None and bool(cgroup.get("unified"))
-        return await self._attend(Run(pid, start_time, cgroup, out_r, err_r))
+        self._settle = started.respawned and bool(cgroup.get("unified"))
+        return await self._attend(Run(pid, start_time, cgroup, out_r, err_r, fresh=True))
 
     async def _attend(self, run: Run) -> ExitCause:
         """Log, watch and stop `run` until its exit; record the exit, then delete it."""
@@ -534,7 +551,7 @@ class ContainerSupervisor:
         watcher: OomWatcher | None = None
         kills: list[OomKill] = []
         if run.cgroup:
-            away = await self._count_ooms(run.cgroup)  # kills while no daemon watched
+            away = 0 if run.fresh else await self._count_ooms(run.cgroup)  # while away
             if away:
                 log.warning("%s: %d OOM kill(s) while corrald was away", self.name, away)
                 kills.append(OomKill(away, CONTAINER))

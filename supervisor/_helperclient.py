@@ -40,6 +40,22 @@ MAX_REPLY = 1 << 20
 _HELPER_MODULE = "corral.supervisor._nshelper"
 
 
+@attrs.frozen
+class Started:
+    """A created (or respawned) init, as the helper reports it.
+
+    Attributes:
+        pid, start_time: the init (start time as in state.json: 0 if it is already gone).
+        cgroup: state.json's cgroup description, or None (a respawn: the last run's).
+        respawned: started again in the namespaces and cgroup its last run kept.
+    """
+
+    pid: int
+    start_time: int
+    cgroup: dict[str, Any] | None
+    respawned: bool
+
+
 class HelperError(Exception):
     """The helper refused or failed a request; the message says why (e.g. a bad bundle)."""
 
@@ -306,14 +322,14 @@ class HelperClient:
             HelperGone: the connection closed.
         """
         return (await self.start(cid, bundle, stdout_fd, stderr_fd, keep, pin=pin,
-                                 reuse=reuse))[0]
+                                 reuse=reuse)).pid
 
     async def start(self, cid: str, bundle: str | os.PathLike[str], stdout_fd: int,
                     stderr_fd: int, keep: tuple[int, int] | None = None, *,
-                    pin: bool = False, reuse: bool = False) -> tuple[int, int | None]:
-        """`create`, returning also, when the helper respawned the container in place (its
-        cgroup, and so its counters, are the last run's) rather than created it, the new
-        init's start time (as in state.json); else None."""
+                    pin: bool = False, reuse: bool = False) -> Started:
+        """`create`, returning what the daemon needs of the new init (saving it a read of
+        state.json) and whether the helper respawned the container in place (its cgroup,
+        and so its counters, are the last run's) rather than created it."""
         self._exits.pop(cid, None)
         req: dict[str, Any] = {"op": "create", "id": cid, "bundle": os.fspath(bundle)}
         if pin:
@@ -321,8 +337,10 @@ class HelperClient:
         if reuse:
             req["reuse"] = True
         reply = await self._request(req, [stdout_fd, stderr_fd, *(keep or ())])
-        respawned = reply.get("respawned") is True
-        return int(reply["pid"]), int(reply.get("start_time", 0)) if respawned else None
+        cgroup = reply.get("cgroup")
+        return Started(int(reply["pid"]), int(reply.get("start_time", 0)),
+                       cgroup if isinstance(cgroup, dict) else None,
+                       reply.get("respawned") is True)
 
     async def release(self, cid: str) -> None:
         """Unpin `cid`'s namespaces (see `create`'s `pin`): it will not be respawned."""

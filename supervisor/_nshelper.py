@@ -17,7 +17,9 @@ reply repeats:
 
     {"op":"create","seq":N,"id":ID,"bundle":ABSDIR[,"pin":true][,"reuse":true]}
             + SCM_RIGHTS [stdout, stderr] or [stdout, stderr, stdout-read, stderr-read]
-        -> {"op":"created","seq":N,"id":ID,"pid":PID[,"respawned":true,"start_time":T]}
+        -> {"op":"created","seq":N,"id":ID,"pid":PID,"start_time":T[,"cgroup":{..}]
+            [,"respawned":true]}  (start_time as in state.json; cgroup: state.json's, for a
+            create; a respawn keeps the last run's)
          | {"op":"error","seq":N,"id":ID,"msg":TEXT}
             pin: once created, pin the init's namespaces (runtime/_respawn.py) so that the
             container can be respawned in place after its exit; reuse: this id is a stopped
@@ -209,7 +211,8 @@ def _create_and_start(root: Root, cid: str, bundle: str, replace: bool = False,
         except Exception as e2:
             msg += f" (and deleting it failed: {e2})"
         return {"ok": False, "msg": f"start: {msg}"}
-    return {"ok": True, "pid": st.pid, **({"note": note} if note else {})}
+    return {"ok": True, "pid": st.pid, "start_time": st.start_time, "cgroup": st.cgroup,
+            **({"note": note} if note else {})}
 
 
 class _Create:
@@ -721,7 +724,9 @@ class Helper:
                 self.kept[c.cid], c.fds = c.fds, []
             release_fds(c.fds)
             _log(f"created {c.cid}, init pid {pid}")
-            self.reply(c.conn, {"op": "created", "seq": c.seq, "id": c.cid, "pid": pid})
+            self.reply(c.conn, {"op": "created", "seq": c.seq, "id": c.cid, "pid": pid,
+                                "start_time": result.get("start_time", 0),
+                                "cgroup": result.get("cgroup") or {}})
             if pid in self.early:  # reaped before its creator (see reap)
                 self.init_exited(pid, self.early.pop(pid))
             return

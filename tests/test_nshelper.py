@@ -445,7 +445,7 @@ def test_init_reaped_before_its_creator(tmp_path: Path) -> None:
     h.on_exits([(creator, 0)])
     replies = [json.loads(ours.recv(65536)) for _ in range(2)]
     assert replies == [
-        {"op": "created", "seq": 7, "id": "c1", "pid": init},
+        {"op": "created", "seq": 7, "id": "c1", "pid": init, "start_time": 0, "cgroup": {}},
         {"op": "exit", "eseq": 1, "id": "c1", "pid": init, "code": None, "signal": 9},
     ]
     assert (h.inits, h.early, h.creates) == ({}, {}, {})
