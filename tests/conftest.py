@@ -639,6 +639,17 @@ def bundle(make_bundle: Callable[..., Bundle]) -> Bundle:
 
 
 @pytest.fixture
+def writable_tmp() -> Callable[[Config], None]:
+    """Adds a writable 1 MiB tmpfs on /tmp to a config (the shared rootfs is read-only)."""
+
+    def add(config: Config) -> None:
+        config["mounts"].append({"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
+                                 "options": ["nosuid", "nodev", "mode=1777", "size=1m"]})
+
+    return add
+
+
+@pytest.fixture
 def cf() -> Any:
     """This module (spawn, wait_tracked, run_cmd, cgroups_named, ...) for tests that need its
     helpers: with --import-mode=importlib a test module cannot `import conftest`."""

@@ -12,12 +12,6 @@ import pytest
 
 pytestmark = pytest.mark.root
 
-TMPFS_TMP = {
-    "destination": "/tmp",
-    "type": "tmpfs",
-    "source": "tmpfs",
-    "options": ["nosuid", "nodev", "mode=1777", "size=1m"],
-}
 
 
 def run_ok(rt, changes, script):
@@ -177,8 +171,8 @@ def test_user_namespace_mappings(rt):
 # -- mounts and filesystem -------------------------------------------------------------------
 
 
-def test_tmpfs_mount_options(rt):
-    out = run_ok(rt, add_mount(TMPFS_TMP), "grep ' /tmp ' /proc/mounts; touch /tmp/x && echo ok")
+def test_tmpfs_mount_options(rt, writable_tmp):
+    out = run_ok(rt, writable_tmp, "grep ' /tmp ' /proc/mounts; touch /tmp/x && echo ok")
     line, ok = out.splitlines()
     _source, dest, fstype, options = line.split()[:4]
     assert (dest, fstype) == ("/tmp", "tmpfs")

@@ -10,12 +10,6 @@ from corral.runtime import _seccomp
 from corral.runtime._errors import ConfigError
 from corral.runtime._spec import default_spec, features, validate
 
-TMPFS_TMP = {
-    "destination": "/tmp",
-    "type": "tmpfs",
-    "source": "tmpfs",
-    "options": ["nosuid", "nodev", "mode=1777", "size=1m"],
-}
 AF_INET, AF_INET6, SOCK_STREAM, SOCK_DGRAM = 2, 10, 1, 2
 
 # What busybox sh needs to run `echo ok` and other applets, plus what corral's init does
@@ -45,13 +39,15 @@ _ALLOWED = """
 ALLOW_LIST = sorted(_ALLOWED.split())
 
 
-def with_seccomp(sec, nnp=None, tmp=False):
+def with_seccomp(sec, nnp=None, tmp=None):
+    """A config change: `sec` as linux.seccomp, `nnp`, and `tmp` (conftest's writable_tmp)."""
+
     def change(c):
         c["linux"]["seccomp"] = sec
         if nnp is not None:
             c["process"]["noNewPrivileges"] = nnp
-        if tmp:
-            c["mounts"].append(TMPFS_TMP)
+        if tmp is not None:
+            tmp(c)
 
     return change
 
@@ -346,10 +342,10 @@ def test_prepare_masked_eq_and_flags():
 @pytest.mark.parametrize(("ret", "message"), [(None, "Operation not permitted"),
                                               (1, "Operation not permitted"),
                                               (38, "Function not implemented")])
-def test_errno_rule(rt, ret, message):
+def test_errno_rule(rt, ret, message, writable_tmp):
     sec = {"defaultAction": "SCMP_ACT_ALLOW",
            "syscalls": [errno_rule(["mkdir", "mkdirat"], ret)]}
-    rc, out, err = run_sh(rt, with_seccomp(sec, tmp=True),
+    rc, out, err = run_sh(rt, with_seccomp(sec, tmp=writable_tmp),
                           "mkdir /tmp/x; echo mkdir=$?; touch /tmp/y && ls /tmp")
     assert rc == 0, err
     assert "mkdir=1" in out
@@ -358,8 +354,8 @@ def test_errno_rule(rt, ret, message):
 
 
 @pytest.mark.root
-def test_without_seccomp_mkdir_works(rt):
-    rc, out, err = run_sh(rt, with_seccomp(None, tmp=True), "mkdir /tmp/x && echo made")
+def test_without_seccomp_mkdir_works(rt, writable_tmp):
+    rc, out, err = run_sh(rt, with_seccomp(None, tmp=writable_tmp), "mkdir /tmp/x && echo made")
     assert (rc, out) == (0, "made\n"), err
 
 

@@ -38,12 +38,6 @@ import pytest
 pytestmark = pytest.mark.root
 
 SLEEP = ("sleep", "60")
-TMPFS_TMP = {
-    "destination": "/tmp",
-    "type": "tmpfs",
-    "source": "tmpfs",
-    "options": ["nosuid", "nodev", "mode=1777", "size=1m"],
-}
 ATTACK_SECONDS = 1.5  # how long the test keeps starting joiners while the attacker loops
 DEFAULT_CAPS = ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"]
 
@@ -479,20 +473,25 @@ OP_ERRORS = {
 }
 
 
-def _caps_only(c):
+@pytest.fixture
+def caps_only(writable_tmp):
     """The default spec's capabilities with a writable /tmp and no seccomp filter, so that
     a refusal can only come from the missing capability."""
-    c["linux"].pop("seccomp", None)
-    c["mounts"].append(dict(TMPFS_TMP))
+
+    def change(c):
+        c["linux"].pop("seccomp", None)
+        writable_tmp(c)
+
+    return change
 
 
 @pytest.mark.parametrize("how", ["run", "exec"])
-def test_default_capabilities_refuse_privileged_ops(rt, make_bundle, how):
+def test_default_capabilities_refuse_privileged_ops(rt, make_bundle, how, caps_only):
     if how == "run":
-        rc, out, err = rt.run_container(_caps_only, ["sh", "-c", PRIVILEGED_OPS])
+        rc, out, err = rt.run_container(caps_only, ["sh", "-c", PRIVILEGED_OPS])
         assert rc == 0, err
     else:
-        cid = rt.create(make_bundle(args=SLEEP, changes=_caps_only))
+        cid = rt.create(make_bundle(args=SLEEP, changes=caps_only))
         rt("start", cid)
         res = rt("exec", cid, "sh", "-c", PRIVILEGED_OPS)
         out, err = res.stdout, res.stderr
@@ -504,9 +503,9 @@ def test_default_capabilities_refuse_privileged_ops(rt, make_bundle, how):
     assert lines[-1] == "corral"  # the hostname is unchanged
 
 
-def test_exec_cap_sys_admin_grants_mount(rt, make_bundle):
+def test_exec_cap_sys_admin_grants_mount(rt, make_bundle, caps_only):
     cid = rt.new_id()
-    rt("run", "--detach", "--bundle", make_bundle(args=SLEEP, changes=_caps_only).path, cid)
+    rt("run", "--detach", "--bundle", make_bundle(args=SLEEP, changes=caps_only).path, cid)
     rt("exec", cid, "mkdir", "/tmp/m")
     res = rt("exec", cid, "mount", "-t", "tmpfs", "t", "/tmp/m", check=False)
     assert res.returncode != 0

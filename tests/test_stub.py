@@ -17,12 +17,6 @@ from corral.runtime import _stub
 
 REPO = Path(__file__).resolve().parent.parent
 SLEEP = ("sleep", "60")
-TMPFS_TMP = {
-    "destination": "/tmp",
-    "type": "tmpfs",
-    "source": "tmpfs",
-    "options": ["nosuid", "nodev", "mode=1777", "size=1m"],
-}
 x86_64 = pytest.mark.skipif(not _stub.SUPPORTED, reason="the stub is x86-64 code")
 
 
@@ -339,7 +333,7 @@ def test_exec_tty_is_the_controlling_terminal_of_a_session_leader(corral, rt, ma
 
 @pytest.mark.root
 @pytest.mark.parametrize("nnp", [True, False], ids=["noNewPrivileges", "privileged-load"])
-def test_exec_seccomp(rt, make_bundle, nnp):
+def test_exec_seccomp(rt, make_bundle, nnp, writable_tmp):
     """The filter of an exec'd process: loaded by the stub's child (no_new_privs) or by the
     joiner before it drops privileges, and in force after the exec either way."""
     sec = {"defaultAction": "SCMP_ACT_ALLOW",
@@ -348,7 +342,7 @@ def test_exec_seccomp(rt, make_bundle, nnp):
     def change(c):
         c["linux"]["seccomp"] = sec
         c["process"]["noNewPrivileges"] = nnp
-        c["mounts"].append(dict(TMPFS_TMP))
+        writable_tmp(c)
 
     cid = rt.new_id()
     rt("run", "--detach", "--bundle", make_bundle(args=SLEEP, changes=change).path, cid)
