@@ -613,6 +613,31 @@ def _apply_rlimits(proc: dict[str, Any]) -> None:
                               "(raising a hard limit needs CAP_SYS_RESOURCE)") from None
 
 
+def join_keyring(cid: str) -> None:
+    """A session keyring of the container's own (`_ses.ID`), as runc makes."""
+    try:
+        L.join_session_keyring(f"_ses.{cid}")
+    except OSError as e:
+        # Keyrings may be unavailable (a kernel without keys, a user-namespace quota); runc
+        # also goes on without one.
+        if e.errno not in (errno.ENOSYS, errno.EACCES, errno.EDQUOT, errno.EPERM):
+            raise
+
+
+def settle_process(proc: dict[str, Any]) -> str:
+    """From inside the container, before the privilege drop: rlimits, oom_score_adj and the
+    working directory of `proc`; returns the path of the program to exec."""
+    _apply_rlimits(proc)
+    if "oomScoreAdj" in proc:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write(str(proc["oomScoreAdj"]))
+    try:
+        os.chdir(proc["cwd"])
+    except OSError as e:
+        raise CorralError(f"process.cwd: {proc['cwd']}: {e.strerror}") from None
+    return _lookup(proc["args"][0], proc.get("env") or [], proc["cwd"])
+
+
 def _init_stub(boot: dict[str, Any], sock: _sys.Socket, path: str, filt: Any,
                flags: int) -> int:
     """The init's exec stub in a sealed memfd, or -1 where the kernel refuses a memfd.
@@ -645,13 +670,7 @@ def container_init(sock: _sys.Socket, boot: dict[str, Any]) -> NoReturn:
         os.setsid()
         os.umask(0)
         if not boot["no_new_keyring"]:
-            try:
-                L.join_session_keyring(f"_ses.{boot['id']}")
-            except OSError as e:
-                # Keyrings may be unavailable (a kernel without keys, a user-namespace
-                # quota); runc also goes on without one.
-                if e.errno not in (errno.ENOSYS, errno.EACCES, errno.EDQUOT, errno.EPERM):
-                    raise
+            join_keyring(boot["id"])
         if any(ns["type"] == "network" and not ns.get("path") for ns in lx.get("namespaces", [])):
             _loopback_up()
         cgroup = _CgroupWait(sock, any(ns["type"] == "cgroup" and not ns.get("path")
@@ -689,15 +708,7 @@ def container_init(sock: _sys.Socket, boot: dict[str, Any]) -> NoReturn:
             L.sethostname(cfg["hostname"])
         if cfg.get("domainname"):
             L.setdomainname(cfg["domainname"])
-        _apply_rlimits(proc)
-        if "oomScoreAdj" in proc:
-            with open("/proc/self/oom_score_adj", "w") as f:
-                f.write(str(proc["oomScoreAdj"]))
-        try:
-            os.chdir(proc["cwd"])
-        except OSError as e:
-            raise CorralError(f"process.cwd: {proc['cwd']}: {e.strerror}") from None
-        path = _lookup(proc["args"][0], proc.get("env") or [], proc["cwd"])
+        path = settle_process(proc)
         nnp = bool(proc.get("noNewPrivileges"))
         # The waiting init is the exec stub (runtime/_stub.py), not Python, unless
         # startContainer hooks must run in it after `start` (or there is no stub for this

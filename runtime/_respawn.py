@@ -288,20 +288,8 @@ def _standby(cfg: dict[str, Any], cg: dict[str, Any], kept: list[int], sock: _sy
             L.setns(fd, flag)
         os.chdir("/")
         _new_proc(cfg)
-        try:
-            L.join_session_keyring(f"_ses.{cid}")
-        except OSError as e:
-            if e.errno not in (errno.ENOSYS, errno.EACCES, errno.EDQUOT, errno.EPERM):
-                raise
-        _init._apply_rlimits(proc)
-        if "oomScoreAdj" in proc:
-            with open("/proc/self/oom_score_adj", "w") as f:
-                f.write(str(proc["oomScoreAdj"]))
-        try:
-            os.chdir(proc["cwd"])
-        except OSError as e:
-            raise CorralError(f"process.cwd: {proc['cwd']}: {e.strerror}") from None
-        path = _init._lookup(proc["args"][0], proc.get("env") or [], proc["cwd"])
+        _init.join_keyring(cid)
+        path = _init.settle_process(proc)
         done: dict[str, Any] | None = None
         if filt is None:  # no filter that could refuse the hand-over: drop privileges now
             done = load_around(None, nnp, lambda: _init.finalize_process(proc, 0))
