@@ -553,6 +553,8 @@ class Helper:
         elif op == "shutdown":
             self.shutting_down = True
             _log("shutdown requested")
+            for cid in list(self.standbys):  # nothing more is restarted
+                self.drop_standby(cid)
             self.reply(conn, {"op": "ok", "seq": seq})
         elif op == "create":
             problem = self.create(conn, msg, fds)
