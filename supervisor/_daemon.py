@@ -231,6 +231,12 @@ class ContainerSupervisor:
         return self.spec.name
 
     @property
+    def _respawns(self) -> bool:
+        """Whether a restart respawns it in place (runtime/_respawn.py), so that the helper
+        must keep its namespaces while it runs."""
+        return self.spec.restart.policy != "no" and self.spec.restart.in_place
+
+    @property
     def bundle(self) -> str:
         return os.path.join(self.ctx.bundles, self.name)
 
@@ -443,7 +449,7 @@ class ContainerSupervisor:
             self._live = True
             started = await ctx.helper.start(
                 self.name, self.bundle, out_w, err_w, (out_r, err_r),
-                pin=self.spec.restart.policy != "no", reuse=reuse)
+                pin=self._respawns, reuse=reuse)
             faults.hit("created")
             pid, start_time = started.pid, started.start_time
             if started.respawned and self._cgroup is not None:
@@ -452,7 +458,7 @@ class ContainerSupervisor:
                 cgroup = _memory_cgroup(started.cgroup)
             else:
                 start_time, cgroup = await _thread(ctx.limiter, _init_of, ctx.root, self.name)
-            if self.spec.restart.policy != "no":
+            if self._respawns:
                 self._cgroup = cgroup
         except (HelperError, CorralError, OSError, ValueError, NetworkError) as e:
             for fd in (out_r, err_r):  # the write ends: below
@@ -501,7 +507,7 @@ class ContainerSupervisor:
             if info is not None:
                 await ctx.helper.ack(info)
             faults.hit("acked")
-            if self.spec.restart.policy != "no" and not self._stop_requested.is_set():
+            if self._respawns and not self._stop_requested.is_set():
                 self._kept = True  # for a respawn: `run` deletes it if no restart follows
             else:
                 await self._discard()
@@ -615,7 +621,7 @@ class ContainerSupervisor:
             except CorralError as e:
                 log.info("%s: %s", self.name, e)
         stop = self.spec.stop
-        if self.spec.restart.policy != "no":
+        if self._respawns:
             try:  # no standby for a respawn that will not come (runtime/_respawn.py)
                 await self.ctx.helper.release(self.name)
             except (HelperError, HelperGone):

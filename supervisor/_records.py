@@ -41,7 +41,10 @@ RECORDS_DIR = "corrald"  # under the runtime root; a reserved container name
 def digest(spec: ContainerSpec) -> str:
     """A fingerprint of what the container file says (not where the file is): a record
     whose digest differs belongs to a configuration that changed while corrald was down."""
-    data = attrs.asdict(spec, filter=lambda a, _v: a.name != "source")
+    # Keys added later are left out at their default, so that a corrald upgrade does not
+    # see every container's file as changed (and restart them all at adoption).
+    data = attrs.asdict(spec, filter=lambda a, v: a.name != "source" and not (
+        a.name == "in_place" and v is True))
     text = json.dumps(data, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 

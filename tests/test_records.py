@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import attrs
 import pytest
-from corral.supervisor._config import ContainerSpec
+from corral.supervisor._config import ContainerSpec, RestartSpec
 from corral.supervisor._records import Record, digest, load_all, prune, remove, save
 
 
@@ -20,6 +21,15 @@ def test_round_trip_and_digest(tmp_path: Path) -> None:
     assert digest(moved) == digest(spec)  # where the file is does not count
     assert digest(ContainerSpec("web", rootfs="/srv/web", command=("httpd", "-f"))) != \
         digest(spec)
+    # A key added later leaves the digest of a file that does not set it as it was: these
+    # are what corrald computed before `restart.in_place` existed (an upgraded daemon must
+    # not take every adopted container's file for a changed one).
+    always = ContainerSpec("web", rootfs="/srv/web", command=("httpd",),
+                           restart=RestartSpec(policy="always"))
+    assert (digest(spec), digest(always)) == ("09feee67445f3492c84eff21e60c695f",
+                                              "fae6ebb3ae56e0079e6f9ac1152c0a7f")
+    assert digest(attrs.evolve(always, restart=RestartSpec(policy="always", in_place=False))
+                  ) != digest(always)
     remove(str(tmp_path), "web")
     remove(str(tmp_path), "web")  # twice is fine
     assert load_all(str(tmp_path)) == ({}, [])

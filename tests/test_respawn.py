@@ -335,3 +335,15 @@ def test_a_respawned_container_keeps_its_tmpfs_and_is_in_all_its_cgroups(corrald
     assert not missing
     assert corrald.rt.state(name)["pid"] == pid
     assert corrald.terminate() == 0
+
+
+@pytest.mark.root
+def test_in_place_false_recreates_each_time_with_a_fresh_tmpfs(corrald: Corrald) -> None:
+    name = corrald.add("[ -e /dev/shm/again ] && exec sleep 60; touch /dev/shm/again; exit 1",
+                       '[restart]\npolicy = "on-failure"\nmax_retries = 2\n'
+                       'backoff_initial = "0s"\nbackoff_jitter = 0.0\nin_place = false')
+    corrald.start()
+    corrald.wait_for(rf"{name}: state running -> exited \(exited with code 1: gave up after 2")
+    assert corrald.text.count(f"created {name}, init pid") == 3  # the marker never survived
+    assert f"respawned {name}" not in corrald.text
+    assert corrald.terminate() == 0

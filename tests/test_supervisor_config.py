@@ -245,6 +245,7 @@ BAD = [
     (MIN + "[restart]\nbackoff_jitter = -0.1\n", "restart.backoff_jitter", "[0, 1)"),
     (MIN + "[restart]\nbackoff_initial = '2m'\n", "restart.backoff_max", "less than"),
     (MIN + "[restart]\nstart_limit_burst = 0\n", "restart.start_limit_burst", "out of range"),
+    (MIN + "[restart]\nin_place = 'yes'\n", "restart.in_place", "true or false"),
     (MIN + "[stop]\nsignal = 'SIGFOO'\n", "stop.signal", "not a signal name"),
     (MIN + "[stop]\nsignal = '15'\n", "stop.signal", "not a signal name"),
     (MIN + "[stop]\nsignal = 15\n", "stop.signal", "must be a string"),
