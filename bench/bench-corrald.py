@@ -24,7 +24,10 @@ Environment: CORRALD, CORRAL (default: .venv/bin/ of this repository), RUNC, CRU
    0s, jitter 0, start limit off. The harness reads corrald's stderr through a pipe; on each
    `-> running (pid P)` line it opens a pidfd of P; exit = pidfd readable (the kernel's
    exit of the init); restart latency = next `-> running` line read - that exit. Also
-   corrald's own view: `running -> backoff` line to the next `-> running` line.
+   corrald's own view: `running -> backoff` line to the next `-> running` line. Run twice:
+   with the default `in_place = true` (a respawn in the kept namespaces) and with
+   `in_place = false` (delete + create + start each time); the helper's `respawned` and
+   `created` lines are counted, so that the figure says which path it timed.
 
 Everything (corrald by pid: SIGTERM then SIGKILL; the helper by pid; containers with
 `delete --force`; cgroups named cb-<pid>-*; the temp dir) is removed on exit, failure,
@@ -446,14 +449,16 @@ def bench_oci(args: argparse.Namespace, exes: dict[str, str], tmp: str, rootfs: 
 
 # ------------------------------------------------------------------ part 3: restarts
 def bench_restart(args: argparse.Namespace, exes: dict[str, str], tmp: str, rootfs: str,
-                  jan: Janitor, prefix: str) -> dict[str, object]:
-    root = os.path.join(tmp, "state-restart")
+                  jan: Janitor, prefix: str, in_place: bool = True) -> dict[str, object]:
+    tag = "restart" if in_place else "recreate"
+    root = os.path.join(tmp, f"state-{tag}")
     jan.roots.append([exes["corral"], "--root", root])
-    d = Corrald(exes["corrald"], tmp, "restart", jan, root)
-    name = f"{prefix}-crash"
+    d = Corrald(exes["corrald"], tmp, tag, jan, root)
+    name = f"{prefix}-{tag}"
     write_container(d.conf, name, rootfs, ["sh", "-c", "sleep 0.2; exit 1"],
                     '[restart]\npolicy = "on-failure"\nbackoff_initial = "0s"\n'
-                    'backoff_max = "0s"\nbackoff_jitter = 0.0\nstart_limit_interval = "0s"\n')
+                    'backoff_max = "0s"\nbackoff_jitter = 0.0\nstart_limit_interval = "0s"\n'
+                    f'in_place = {"true" if in_place else "false"}\n')
     r, w = os.pipe2(os.O_CLOEXEC)
     try:
         d.start(stderr=w)
@@ -533,10 +538,14 @@ def bench_restart(args: argparse.Namespace, exes: dict[str, str], tmp: str, root
             return None
         return {"n": len(xs), "min": min(xs), "median": statistics.median(xs),
                 "mean": statistics.fmean(xs), "max": max(xs)}
-    res = {"exit_to_running_ms": st(lat_exit), "backoff_line_to_running_ms": st(lat_backoff),
-           "pidfd_missed": missed, "samples_exit": lat_exit}
-    say(f"restart: from exit {res['exit_to_running_ms']}; from backoff line "
-        f"{res['backoff_line_to_running_ms']}; pidfd missed {missed}")
+    text = d.text()
+    res = {"in_place": in_place, "exit_to_running_ms": st(lat_exit),
+           "backoff_line_to_running_ms": st(lat_backoff), "pidfd_missed": missed,
+           "respawned": text.count(f"respawned {name}, "),
+           "created": text.count(f"created {name}, "), "samples_exit": lat_exit}
+    say(f"{tag}: from exit {res['exit_to_running_ms']}; from backoff line "
+        f"{res['backoff_line_to_running_ms']}; pidfd missed {missed}; respawned "
+        f"{res['respawned']}, created {res['created']}")
     return res
 
 
@@ -588,6 +597,8 @@ def main() -> int:
             time.sleep(10)  # let the teardown of the big run settle
             results["loadavg_before_restart"] = os.getloadavg()[0]
             results["restart"] = bench_restart(args, exes, tmp, rootfs, jan, prefix)
+            results["restart_recreate"] = bench_restart(args, exes, tmp, rootfs, jan, prefix,
+                                                        in_place=False)
         print(json.dumps(results, indent=2))
         if args.json:
             with open(args.json, "w") as f:
