@@ -2,6 +2,7 @@
 
     sudo .venv/bin/python bench/bench-corrald.py [--n 100] [--mem-ns 100,500,1000]
                                                  [--restarts 20] [--step-timeout 300]
+                                                 [--policy no|always|...] [--parts ...]
                                                  [--rootfs DIR] [--json FILE]
 
 Stdlib only; must run as root, with the Python next to $CORRALD (never a `python3` shim).
@@ -274,6 +275,11 @@ def write_container(conf: str, name: str, rootfs: str, command: list[str],
         f.write(text)
 
 
+def _policy(args: argparse.Namespace) -> str:
+    """The [restart] section of the start and memory containers (--policy)."""
+    return f'[restart]\npolicy = "{args.policy}"\n' if args.policy != "no" else ""
+
+
 def corral_list(corral: str, root: str) -> dict[str, str]:
     out = subprocess.run([corral, "--root", root, "list", "--format", "json"],
                          capture_output=True, timeout=CMD_TIMEOUT, check=True).stdout
@@ -305,7 +311,7 @@ def bench_corrald_scale(args: argparse.Namespace, exes: dict[str, str], tmp: str
     d = Corrald(exes["corrald"], tmp, "scale", jan, root)
     names = [f"{prefix}-{i:04d}" for i in range(args.n)]
     for n in names:
-        write_container(d.conf, n, rootfs, ["sleep", "3600"])
+        write_container(d.conf, n, rootfs, ["sleep", "3600"], _policy(args))
     say(f"corrald: starting with {args.n} container files")
     d.start()
     ok, secs, got = d.wait_running(set(names), args.step_timeout)
@@ -332,7 +338,7 @@ def bench_corrald_scale(args: argparse.Namespace, exes: dict[str, str], tmp: str
         if target > len(have):
             new = [f"{prefix}-{i:04d}" for i in range(len(have), target)]
             for n in new:
-                write_container(d.conf, n, rootfs, ["sleep", "3600"])
+                write_container(d.conf, n, rootfs, ["sleep", "3600"], _policy(args))
             have += new
             t = time.monotonic()
             assert d.proc is not None
@@ -556,6 +562,9 @@ def main() -> int:
     ap.add_argument("--mem-ns", default="100,500,1000",
                     help="container counts for the memory figures (100,500,1000)")
     ap.add_argument("--restarts", type=int, default=20, help="restarts to time (20)")
+    ap.add_argument("--policy", default="no",
+                    help="restart policy of the start and memory containers (no); with one "
+                         "that restarts, the helper also keeps each one's namespaces")
     ap.add_argument("--step-timeout", type=float, default=300.0,
                     help="seconds before a step is abandoned (300)")
     ap.add_argument("--parts", default="start,oci,restart", help="start,oci,restart")
