@@ -41,53 +41,14 @@ for n in "$runs" "$warmup" "$oom_runs"; do
     case $n in ''|*[!0-9]*) echo "$0: --runs, --warmup and --oom-runs want a number" >&2; exit 2 ;; esac
 done
 
-say() { printf '==> %s\n' "$*" >&2; }
-die() { printf '%s: %s\n' "$0" "$*" >&2; exit 1; }
-
-[ "$(id -u)" -eq 0 ] || die "must run as root"
-command -v hyperfine >/dev/null || die "hyperfine not found (apt-get install hyperfine)"
-
-here=$(cd "$(dirname "$0")" && pwd)
-build_rootfs="$here/../scripts/build-rootfs"
-[ -f "$build_rootfs" ] || die "$build_rootfs not found"
-
-CORRAL=${CORRAL:-$here/../.venv/bin/corral}
-RUNC=$(command -v "${RUNC:-runc}" || true)
-CRUN=$(command -v "${CRUN:-crun}" || true)
-PYTHON=${PYTHON:-$(dirname "$CORRAL")/python}
+BENCH_TMP=corral-bench-cg
+# shellcheck source=bench/lib.sh
+. "$(dirname "$0")/lib.sh"
 [ -x "$PYTHON" ] || die "no python at $PYTHON (set PYTHON=)"
-
-# ---------------------------------------------------------------- temp dir and cleanup
-tmp=$(mktemp -d /tmp/corral-bench-cg.XXXXXX)
-ids=()              # "runtime id" pairs to delete --force on exit
-prefix="bench-$$"   # every container id starts with this, so leftovers are easy to spot
-
-# crun refuses a hybrid cgroup layout (v1 controllers + cgroup2 at /sys/fs/cgroup/unified).
-# Run it in a private mount namespace where the cgroup2 mount is gone; the host's mounts are
-# never touched. Where there is no such mount, crun runs directly.
-nsrun="$tmp/nsrun"
-crun_wrap=()
-if mountpoint -q /sys/fs/cgroup/unified 2>/dev/null; then
-    printf '#!/bin/sh\numount /sys/fs/cgroup/unified || exit 125\nexec "$@"\n' > "$nsrun"
-    chmod 755 "$nsrun"
-    crun_wrap=(unshare --mount --propagation private "$nsrun")
-fi
-
-rt_argv() {  # rt_argv RUNTIME: set RT_ARGV to the runtime's command prefix, own --root state dir
-    case $1 in
-        corral) RT_ARGV=("$CORRAL" --root "$tmp/state/corral") ;;
-        runc)   RT_ARGV=("$RUNC" --root "$tmp/state/runc") ;;
-        crun)   RT_ARGV=("${crun_wrap[@]}" "$CRUN" --root "$tmp/state/crun") ;;
-    esac
-}
-rt_cmd() {  # rt_cmd RUNTIME ARGS...: run a runtime command, killed after 60 s
-    local RT_ARGV; rt_argv "$1"; shift
-    timeout 60 "${RT_ARGV[@]}" "$@"
-}
 
 hf_pid=      # hyperfine while it runs: in the background, stopped by cleanup (see there)
 cleanup() {
-    local rc=$? rt id pair kids k n
+    local rc=$? kids k n
     trap - EXIT INT TERM
     set +e
     if [ -n "$hf_pid" ] && kill -0 "$hf_pid" 2>/dev/null; then
@@ -102,31 +63,8 @@ cleanup() {
             while kill -0 "$k" 2>/dev/null && [ $n -lt 600 ]; do sleep 0.1; n=$((n + 1)); done
         done
     fi
-    for pair in "${ids[@]}"; do
-        rt=${pair%% *}; id=${pair#* }
-        # A Ctrl-C between `pause` and `resume` leaves the container frozen: thaw it first.
-        rt_cmd "$rt" resume "$id" >/dev/null 2>&1
-        rt_cmd "$rt" delete --force "$id" >/dev/null 2>&1
-    done
-    for rt in corral runc crun; do
-        [ -d "$tmp/state/$rt" ] || continue
-        for id in $(rt_cmd "$rt" list -q 2>/dev/null); do
-            rt_cmd "$rt" resume "$id" >/dev/null 2>&1
-            rt_cmd "$rt" delete --force "$id" >/dev/null 2>&1
-        done
-    done
-    local d
-    for d in /sys/fs/cgroup/*/"$prefix"-* /sys/fs/cgroup/*/*/"$prefix"-* \
-             /sys/fs/cgroup/*/*/*/"$prefix"-*; do
-        [ -e "$d" ] || continue
-        echo "warning: removing leftover cgroup $d" >&2
-        rmdir "$d" 2>/dev/null || echo "warning: could not remove $d" >&2
-    done
-    if grep -q " $tmp" /proc/self/mountinfo; then
-        echo "warning: mounts left under $tmp; not removing it" >&2
-    else
-        rm -rf "$tmp"
-    fi
+    remove_containers
+    remove_leftovers
     exit "$rc"
 }
 trap cleanup EXIT
