@@ -114,6 +114,13 @@ def _obj(v: Any, field: str, keys: set[str] | None) -> dict[str, Any]:
     return v
 
 
+def _objects(v: Any, field: str, keys: set[str]) -> list[tuple[str, dict[str, Any]]]:
+    """An array of objects with only `keys`: (the field of each, the object), in order."""
+    if not isinstance(v, list):
+        raise ConfigError(field, "must be an array")
+    return [(f"{field}[{i}]", _obj(o, f"{field}[{i}]", keys)) for i, o in enumerate(v)]
+
+
 def _cpuset(v: Any, field: str) -> str:
     if not isinstance(v, str):
         raise ConfigError(field, f"must be a string like \"0-2,4\", not {v!r}")
@@ -146,13 +153,9 @@ def _v2max(n: int) -> str:
 
 
 def _devs(lst: Any, field: str, key: str, lo: int, hi: int | None) -> list[tuple[int, int, int]]:
-    if not isinstance(lst, list):
-        raise ConfigError(field, "must be an array")
     out = []
-    for i, d in enumerate(lst):
-        f = f"{field}[{i}]"
-        _obj(d, f, {"major", "minor", key, "leafWeight"} if key == "weight" else
-             {"major", "minor", key})
+    keys = {"major", "minor", key, "leafWeight"} if key == "weight" else {"major", "minor", key}
+    for f, d in _objects(lst, field, keys):
         out.append((_int(d.get("major"), f"{f}.major", 0), _int(d.get("minor"), f"{f}.minor", 0),
                     _int(d.get(key, 0), f"{f}.{key}", lo, hi)))
     return out
@@ -289,12 +292,8 @@ def plan(res: Any, version: int, field: str = "linux.resources") -> list[Write]:
             w.append(Write(f"{f}.{key}", "blkio" if v1 else "io", v1file if v1 else "io.max",
                            f"{ma}:{mi} {n}" if v1 else f"{ma}:{mi} {v2key}={n or 'max'}"))
 
-    hp = res.get("hugepageLimits", [])
-    if not isinstance(hp, list):
-        raise ConfigError(f"{field}.hugepageLimits", "must be an array")
-    for i, h in enumerate(hp):
-        f = f"{field}.hugepageLimits[{i}]"
-        _obj(h, f, {"pageSize", "limit"})
+    for f, h in _objects(res.get("hugepageLimits", []), f"{field}.hugepageLimits",
+                         {"pageSize", "limit"}):
         size = h.get("pageSize")
         if not isinstance(size, str) or not size[:-2].isdigit() or size[-2:] not in (
                 "KB", "MB", "GB"):
@@ -311,12 +310,8 @@ def plan(res: Any, version: int, field: str = "linux.resources") -> list[Write]:
         if net.get("classID") is not None:
             n = _int(net["classID"], f"{field}.network.classID", 0, 2**32 - 1)
             w.append(Write(f"{field}.network.classID", "net_cls", "net_cls.classid", str(n)))
-        prios = net.get("priorities", [])
-        if not isinstance(prios, list):
-            raise ConfigError(f"{field}.network.priorities", "must be an array")
-        for i, p in enumerate(prios):
-            pf = f"{field}.network.priorities[{i}]"
-            _obj(p, pf, {"name", "priority"})
+        for pf, p in _objects(net.get("priorities", []), f"{field}.network.priorities",
+                              {"name", "priority"}):
             name = p.get("name")
             if not isinstance(name, str) or not name or " " in name:
                 raise ConfigError(f"{pf}.name", "must be an interface name")
@@ -367,13 +362,9 @@ def device_rules(res: dict[str, Any], devices: list[dict[str, Any]] | None = Non
     Raises:
         ConfigError: naming the bad rule and key.
     """
-    rules = res.get("devices", [])
-    if not isinstance(rules, list):
-        raise ConfigError(field, "must be an array")
     out: list[dict[str, Any]] = []
-    for i, r in enumerate(rules):
-        f = f"{field}[{i}]"
-        _obj(r, f, {"allow", "type", "major", "minor", "access"})
+    for f, r in _objects(res.get("devices", []), field,
+                         {"allow", "type", "major", "minor", "access"}):
         if not isinstance(r.get("allow"), bool):
             raise ConfigError(f"{f}.allow", "must be true or false")
         t = r.get("type", "a") or "a"
