@@ -60,6 +60,7 @@ from __future__ import annotations
 import argparse
 import collections
 import functools
+import gc
 import json
 import os
 import select
@@ -73,12 +74,14 @@ import traceback
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from corral.runtime import _linux
-from corral.runtime._container import CreateOptions, create_container, delete, start
+from corral.runtime._container import CreateOptions, create_container, delete, preload_create, start
 from corral.runtime._errors import CorralError
 from corral.runtime._state import Root, validate_id
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+
+preload_create()  # before any creator is forked: each would import these again
 
 MAX_MSG = 65536  # a request
 MAX_REPLY = 200_000  # under the default socket send buffer; a list of ~5000 containers
@@ -524,6 +527,10 @@ class Helper:
     def creator(self, cid: str, bundle: str, fds: list[int], rfd: int, wfd: int) -> NoReturn:
         """The forked child: stdio, create, start, report, exit. Never returns."""
         result: dict[str, Any] = {"ok": False, "msg": "creator failed before creating"}
+        # No garbage collection in this short-lived child or the stage 1 and init it forks:
+        # a collection would walk (and so copy, page by page) the helper's whole heap, and
+        # what a create allocates is freed by its exit or exec.
+        gc.disable()
         try:
             signal.set_wakeup_fd(-1)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
