@@ -109,10 +109,10 @@ def preload_create() -> None:
     CPU per container, and each page it writes is a copy-on-write fault). The CLI keeps its
     lazy imports: one `corral create` pays them once either way.
     """
-    from . import _cgroups, _hooks, _init, _seccomp, _spec, _stub  # noqa: F401
+    from . import _cgroups, _hooks, _init, _jsonfast, _seccomp, _spec, _stub  # noqa: F401
 
     _stub.errno_table()  # the same 2 KB of text in every init
-    b"".decode("utf-8-sig")  # the codec _jsonfast.loads uses, an import of its own
+    _jsonfast.loads(b"{}")  # bytes decode through the utf-8-sig codec, an import of its own
 
 
 def create_container(root: Root, cid: str, opts: CreateOptions, log: Log = NULL,
