@@ -488,10 +488,14 @@ class V1Manager(Manager):
             raise CorralError("linux.resources.devices: the devices cgroup controller is not "
                               "available on this host")
         old = _read(os.path.join(d, "devices.list")).splitlines()
+        fds: dict[bool, int] = {}  # one open file per kind: the kernel takes a rule per write
         try:
             for r in rules:
-                _write(os.path.join(d, "devices.allow" if r["allow"] else "devices.deny"),
-                       v1_device_line(r))
+                kind = bool(r["allow"])
+                if kind not in fds:
+                    fds[kind] = os.open(os.path.join(d, "devices.allow" if kind else
+                                                     "devices.deny"), os.O_WRONLY | os.O_CLOEXEC)
+                os.write(fds[kind], v1_device_line(r).encode())
         except OSError as e:
             _write(os.path.join(d, "devices.deny"), "a")
             for line in old:
@@ -500,6 +504,9 @@ class V1Manager(Manager):
                 except OSError:
                     pass
             raise CorralError(f"linux.resources.devices: {e.strerror}") from None
+        finally:
+            for fd in fds.values():
+                os.close(fd)
 
     def freeze(self) -> None:
         d = self.dir_for("freezer")
