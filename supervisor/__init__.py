@@ -3,7 +3,7 @@
 The code lives in private modules; this module only re-exports what the daemon and its tests
 use, as trio does, but lazily (PEP 562): the namespace helper runs as
 ``python -m corral.supervisor._nshelper``, which imports this package first, and the helper
-must not carry the config parser (attrs, tomllib, ipaddress: ~6 MB of heap) that it never
+must not carry the config parser (attrs, tomllib, ipaddress: ~3.5 MB of heap) that it never
 uses. Every page of the helper's heap is copied into each creator it forks and torn down at
 each exit and exec, three times per container started.
 """

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -99,6 +100,13 @@ def test_supervisor_package_reexports_lazily() -> None:
     assert "load_dir" in dir(sup)
     with pytest.raises(AttributeError, match="no_such_name"):
         sup.no_such_name  # noqa: B018 - the attribute access is the test
+    # What mypy sees (the TYPE_CHECKING imports) is what the runtime resolves.
+    source = Path(sup.__file__).read_text()
+    typed = dict((name, module) for module, name in
+                 re.findall(r"from \.(\w+) import (\w+) as \2", source))
+    assert typed == sup._EXPORTS
+    for name in typed:
+        assert getattr(sup, name) is not None
 
 
 _CREATOR = r"""
