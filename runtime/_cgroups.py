@@ -183,12 +183,21 @@ class MigrationWarmup:
     process into the cgroup it is already in (a no-op migration that still takes the lock)
     from a thread, so that the real placement of the init, done right after, is fast.
     `wait()` must be called before forking: a fork must not race a thread in a syscall.
+
+    `wanted`: a process that knows the grace period is being paid anyway turns the warm-up
+    off for itself (the namespace helper's creator while other creates are in flight: their
+    `cgroup.procs` writes keep the lock in its slow mode, and a thread plus a migration per
+    container would only cost CPU).
     """
+
+    wanted = True
 
     def __init__(self) -> None:
         import _thread
 
         self._done = _thread.allocate_lock()
+        if not MigrationWarmup.wanted:
+            return
         self._done.acquire()
         _thread.start_new_thread(self._run, ())
 

@@ -531,6 +531,12 @@ class Helper:
         # a collection would walk (and so copy, page by page) the helper's whole heap, and
         # what a create allocates is freed by its exit or exec.
         gc.disable()
+        if self.creates:
+            # Others are creating now: the kernel's cgroup migration lock is already in the
+            # mode that a warm-up would prepare (see MigrationWarmup); skip its thread.
+            from corral.runtime._cgroups import MigrationWarmup
+
+            MigrationWarmup.wanted = False
         try:
             signal.set_wakeup_fd(-1)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)

@@ -159,3 +159,17 @@ def test_jsonfast_dumps_refuses_what_json_cannot_hold() -> None:
         _jsonfast.dumps({"x": float("nan")})
     with pytest.raises(TypeError, match="object is not JSON serialisable"):
         _jsonfast.dumps({"x": object()})
+
+
+def test_migration_warmup_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    from corral.runtime import _cgroups
+
+    monkeypatch.setattr(_cgroups.MigrationWarmup, "wanted", False)
+    before = sorted(os.listdir("/proc/self/task"))
+    warmup = _cgroups.MigrationWarmup()
+    assert sorted(os.listdir("/proc/self/task")) == before  # no thread was started
+    warmup.wait()  # returns at once
+    monkeypatch.setattr(_cgroups.MigrationWarmup, "wanted", True)
+    warmup = _cgroups.MigrationWarmup()
+    warmup.wait()
+    assert not warmup._done.locked()
