@@ -44,39 +44,57 @@ def _unescape(s: str) -> str:
         "\\134", "\\")
 
 
+def _slurp(path: str) -> str:
+    """A whole (proc or cgroup) file, read with plain os calls.
+
+    Why not `open()`: it adds an fstat, an ioctl and lseeks to every file, and three Python
+    objects; a create reads and writes a few dozen of these files in a freshly forked
+    process, where every bit of Python run costs copy-on-write faults.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while True:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return os.fsdecode(b"".join(chunks))
+
+
 def hierarchies() -> list[Hierarchy]:
     """The cgroup hierarchies mounted under /sys/fs/cgroup, from /proc/self/mountinfo."""
     found: list[Hierarchy] = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            fields = left.split()
-            rfields = right.split()
-            if len(rfields) < 3 or rfields[0] not in ("cgroup", "cgroup2"):
-                continue
-            mountpoint = _unescape(fields[4])
-            if not (mountpoint == CGROUP_ROOT or mountpoint.startswith(CGROUP_ROOT + "/")):
-                continue
-            if rfields[0] == "cgroup2":
-                found.append(Hierarchy(2, mountpoint, _unescape(fields[3]), [], ""))
-                continue
-            opts = rfields[2].split(",")
-            ctrls = [o for o in opts if o not in ("rw", "ro") and "=" not in o
-                     and o not in ("relatime", "noatime", "nosuid", "nodev", "noexec",
-                                   "clone_children", "xattr", "noprefix", "cpuset_v2_mode")]
-            named = [o[5:] for o in opts if o.startswith("name=")]
-            name = ",".join(ctrls) if ctrls else ("name=" + named[0] if named else "")
-            found.append(Hierarchy(1, mountpoint, _unescape(fields[3]), ctrls, name))
+    for line in _slurp("/proc/self/mountinfo").splitlines():
+        left, _, right = line.partition(" - ")
+        fields = left.split()
+        rfields = right.split()
+        if len(rfields) < 3 or rfields[0] not in ("cgroup", "cgroup2"):
+            continue
+        mountpoint = _unescape(fields[4])
+        if not (mountpoint == CGROUP_ROOT or mountpoint.startswith(CGROUP_ROOT + "/")):
+            continue
+        if rfields[0] == "cgroup2":
+            found.append(Hierarchy(2, mountpoint, _unescape(fields[3]), [], ""))
+            continue
+        opts = rfields[2].split(",")
+        ctrls = [o for o in opts if o not in ("rw", "ro") and "=" not in o
+                 and o not in ("relatime", "noatime", "nosuid", "nodev", "noexec",
+                               "clone_children", "xattr", "noprefix", "cpuset_v2_mode")]
+        named = [o[5:] for o in opts if o.startswith("name=")]
+        name = ",".join(ctrls) if ctrls else ("name=" + named[0] if named else "")
+        found.append(Hierarchy(1, mountpoint, _unescape(fields[3]), ctrls, name))
     return found
 
 
 def own_cgroups() -> dict[str, str]:
     """This process's cgroup per hierarchy key ("" for v2, "memory", "name=systemd", ...)."""
     out: dict[str, str] = {}
-    with open("/proc/self/cgroup") as f:
-        for line in f:
-            _, ctrls, path = line.rstrip("\n").split(":", 2)
-            out[ctrls] = path
+    for line in _slurp("/proc/self/cgroup").splitlines():
+        _, ctrls, path = line.split(":", 2)
+        out[ctrls] = path
     return out
 
 
@@ -151,8 +169,7 @@ def _has_children(d: str) -> bool:
 
 def _read_pids(path: str) -> list[int]:
     try:
-        with open(os.path.join(path, "cgroup.procs")) as f:
-            return [int(x) for x in f.read().split()]
+        return [int(x) for x in _slurp(os.path.join(path, "cgroup.procs")).split()]
     except FileNotFoundError:
         return []
 
@@ -166,12 +183,21 @@ class MigrationWarmup:
     process into the cgroup it is already in (a no-op migration that still takes the lock)
     from a thread, so that the real placement of the init, done right after, is fast.
     `wait()` must be called before forking: a fork must not race a thread in a syscall.
+
+    `wanted`: a process that knows the grace period is being paid anyway turns the warm-up
+    off for itself (the namespace helper's creator while other creates are in flight: their
+    `cgroup.procs` writes keep the lock in its slow mode, and a thread plus a migration per
+    container would only cost CPU).
     """
+
+    wanted = True
 
     def __init__(self) -> None:
         import _thread
 
         self._done = _thread.allocate_lock()
+        if not MigrationWarmup.wanted:
+            return
         self._done.acquire()
         _thread.start_new_thread(self._run, ())
 
@@ -322,8 +348,7 @@ class Manager:
 
 
 def _read(path: str) -> str:
-    with open(path) as f:
-        return f.read().strip()
+    return _slurp(path).strip()
 
 
 def _write(path: str, value: str) -> None:
@@ -388,8 +413,7 @@ class V1Manager(Manager):
 
     def add_pid(self, pid: int) -> None:
         for d in [*self.paths.values(), *([self.unified] if self.unified else [])]:
-            with open(os.path.join(d, "cgroup.procs"), "w") as f:
-                f.write(str(pid))
+            _write(os.path.join(d, "cgroup.procs"), str(pid))
 
     def pids(self) -> list[int]:
         for key in ("pids", "memory", "devices", "freezer"):
@@ -473,10 +497,14 @@ class V1Manager(Manager):
             raise CorralError("linux.resources.devices: the devices cgroup controller is not "
                               "available on this host")
         old = _read(os.path.join(d, "devices.list")).splitlines()
+        fds: dict[bool, int] = {}  # one open file per kind: the kernel takes a rule per write
         try:
             for r in rules:
-                _write(os.path.join(d, "devices.allow" if r["allow"] else "devices.deny"),
-                       v1_device_line(r))
+                kind = bool(r["allow"])
+                if kind not in fds:
+                    fds[kind] = os.open(os.path.join(d, "devices.allow" if kind else
+                                                     "devices.deny"), os.O_WRONLY | os.O_CLOEXEC)
+                os.write(fds[kind], v1_device_line(r).encode())
         except OSError as e:
             _write(os.path.join(d, "devices.deny"), "a")
             for line in old:
@@ -485,6 +513,9 @@ class V1Manager(Manager):
                 except OSError:
                     pass
             raise CorralError(f"linux.resources.devices: {e.strerror}") from None
+        finally:
+            for fd in fds.values():
+                os.close(fd)
 
     def freeze(self) -> None:
         d = self.dir_for("freezer")
@@ -548,8 +579,7 @@ class V2Manager(Manager):
         _mkdirs(self.path, CGROUP_ROOT, self.created, on_new)
 
     def add_pid(self, pid: int) -> None:
-        with open(os.path.join(self.path, "cgroup.procs"), "w") as f:
-            f.write(str(pid))
+        _write(os.path.join(self.path, "cgroup.procs"), str(pid))
 
     def pids(self) -> list[int]:
         return _read_pids(self.path)

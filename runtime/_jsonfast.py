@@ -49,8 +49,21 @@ def loads(text: str | bytes) -> Any:
     return obj
 
 
+def _unserialisable(o: object) -> Any:
+    raise TypeError(f"{type(o).__name__} is not JSON serialisable")
+
+
+# The C encoder `json.dumps` itself uses when there is no indent: the documents a create
+# sends to its init and writes as state.json are one line each, and a forked creator runs
+# every Python function it calls for the first time (a copy-on-write fault per page touched).
+_c_encode = _json.make_encoder(None, _unserialisable, _json.encode_basestring_ascii, None,
+                               ": ", ", ", False, False, False)
+
+
 def dumps(obj: Any, indent: int | str | None = None) -> str:
     """Serialise like json.dumps(obj, indent=indent) for plain data."""
+    if indent is None:
+        return "".join(_c_encode(obj, 0))
     pad = " " * indent if isinstance(indent, int) else indent
     out: list[str] = []
     _write(obj, pad, "", out)

@@ -53,6 +53,7 @@ caller b"E" just before exec (from then on an exec failure is the process's exit
 from __future__ import annotations
 
 import errno
+import gc
 import os
 import select
 import signal
@@ -271,6 +272,7 @@ def _standby(cfg: dict[str, Any], cg: dict[str, Any], kept: list[int], sock: _sy
         # The host's Python until the exec: nothing in the container may open our memory or
         # /proc/PID/exe (nothing else is in this pid namespace yet, but `exec` could join).
         L.prctl(L.PR_SET_DUMPABLE, 0)
+        gc.disable()  # a collection would copy the caller's whole heap, page by page
         signal.set_wakeup_fd(-1)  # the caller's: not ours to write to
         for sig in (signal.SIGCHLD, signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, signal.SIG_DFL)

@@ -88,9 +88,15 @@ def _table(entries: list[tuple[int, bytes]], fallback: bytes) -> bytes:
     return bytes(out)
 
 
-def _errnos() -> bytes:
-    return _table([(e, f"{os.strerror(e)}\n".encode()) for e in range(1, 134)],
-                  b"unknown error\n")
+_ERRNOS: list[bytes] = []
+
+
+def errno_table() -> bytes:
+    """The init mode's errno texts, built once per process (the same for every container)."""
+    if not _ERRNOS:
+        _ERRNOS.append(_table([(e, f"{os.strerror(e)}\n".encode()) for e in range(1, 134)],
+                              b"unknown error\n"))
+    return _ERRNOS[0]
 
 
 def image(mode: int, fd_a: int, fd_b: int, path: str, comm: str, *, tty: bool = False,
@@ -110,7 +116,7 @@ def image(mode: int, fd_a: int, fd_b: int, path: str, comm: str, *, tty: bool = 
         message: init: the `created` datagram.
         steps: init: the step table (the prefixes of the error messages).
     """
-    errnos = _errnos() if mode == MODE_INIT else _table([], b"")
+    errnos = errno_table() if mode == MODE_INIT else _table([], b"")
     off = _HEAD.size
     parts: list[bytes] = []
     offsets = []

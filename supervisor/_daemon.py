@@ -106,7 +106,10 @@ def _write_bundle(spec: ContainerSpec, directory: str, net: Attachment | None = 
     if net is not None:
         oci_changes(cfg, net)
     os.makedirs(directory, mode=0o700, exist_ok=True)
-    write_atomic(os.path.join(directory, "config.json"), json.dumps(cfg).encode(), 0o600)
+    # Not synced: it lives under the runtime root (/run), which a reboot empties anyway,
+    # and a crash of the process keeps the page cache.
+    write_atomic(os.path.join(directory, "config.json"), json.dumps(cfg).encode(), 0o600,
+                 durable=False)
     return directory
 
 

@@ -68,6 +68,7 @@ from __future__ import annotations
 import argparse
 import collections
 import functools
+import gc
 import json
 import os
 import select
@@ -81,7 +82,7 @@ import traceback
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from corral.runtime import _linux
-from corral.runtime._container import CreateOptions, create_container, delete, start
+from corral.runtime._container import CreateOptions, create_container, delete, preload_create, start
 from corral.runtime._errors import CorralError
 from corral.runtime._respawn import KEPT, NotRespawnable, Standby, abort, go, keep, prepare
 from corral.runtime._respawn import release as release_fds
@@ -89,6 +90,8 @@ from corral.runtime._state import Root, validate_id
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+
+preload_create()  # before any creator is forked: each would import these again
 
 MAX_MSG = 65536  # a request
 MAX_REPLY = 200_000  # under the default socket send buffer; a list of ~5000 containers
@@ -643,6 +646,16 @@ class Helper:
         """The forked child: stdio, create, start, report, exit. Never returns."""
         result: dict[str, Any] = {"ok": False, "msg": "creator failed before creating"}
         kept: list[int] = []
+        # No garbage collection in this short-lived child or the stage 1 and init it forks:
+        # a collection would walk (and so copy, page by page) the helper's whole heap, and
+        # what a create allocates is freed by its exit or exec.
+        gc.disable()
+        if self.creates:
+            # Others are creating now: the kernel's cgroup migration lock is already in the
+            # mode that a warm-up would prepare (see MigrationWarmup); skip its thread.
+            from corral.runtime._cgroups import MigrationWarmup
+
+            MigrationWarmup.wanted = False
         try:
             signal.set_wakeup_fd(-1)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
