@@ -63,7 +63,7 @@ from . import _linux as L
 from ._errors import CorralError
 from ._seccomp import load_around
 from ._seccomp import prepare as prepare_filter
-from ._state import Lock, Root, proc_stat
+from ._state import STATE_FILE, Lock, Root, State, proc_stat
 
 TYPE_CHECKING = False  # typing costs ~4 ms to import; mypy honours this name
 if TYPE_CHECKING:
@@ -125,14 +125,18 @@ def refusal(cfg: dict[str, Any]) -> str | None:
 class Standby:
     """A new init made ready ahead of a respawn (see the module docstring)."""
 
-    __slots__ = ("cid", "pid", "sock", "start_time", "state")
+    __slots__ = ("cid", "loaded", "pid", "sock", "start_time", "state")
 
-    def __init__(self, cid: str, pid: int, sock: _sys.Socket) -> None:
+    def __init__(self, cid: str, pid: int, sock: _sys.Socket,
+                 loaded: tuple[State, tuple[int, int]] | None = None) -> None:
         self.cid = cid
         self.pid = pid
         self.sock = sock
         self.state = "preparing"  # -> ready | failed: <why> | gone
         self.start_time = 0  # once `go` returned: as in state.json
+        # The state `prepare` read, and its file's (mtime, size): `go` writes it back with
+        # the new pid unless the file changed meanwhile (no second parse of its config).
+        self.loaded = loaded
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -168,6 +172,7 @@ def prepare(root: Root, cid: str, kept: list[int]) -> Standby:
     if not os.path.isdir(d):
         raise NotRespawnable(f"container {cid!r} does not exist")
     with Lock(d) as lock:
+        stamp = _stamp(d)
         st = root.load(cid)
         why = refusal(st.config)
         if why is None and st.status() != "stopped":
@@ -205,7 +210,7 @@ def prepare(root: Root, cid: str, kept: list[int]) -> Standby:
         finally:
             os.close(own)
             theirs.close()
-    return Standby(cid, pid, ours)
+    return Standby(cid, pid, ours, (st, stamp))
 
 
 def go(root: Root, standby: Standby, stdio: tuple[int, int, int]) -> int:
@@ -232,7 +237,11 @@ def go(root: Root, standby: Standby, stdio: tuple[int, int, int]) -> int:
     got = proc_stat(standby.pid)
     d = root.container_dir(cid)
     with Lock(d):
-        st = root.load(cid)
+        if standby.loaded is not None and standby.loaded[1] == _stamp(d):
+            st = standby.loaded[0]
+        else:
+            st = root.load(cid)
+        standby.loaded = None
         # Exec'd and already exited: a start time of 0 says "not running" to `state`; the
         # caller reaps it and reports its exit.
         st.pid, st.start_time = standby.pid, got[1] if got else 0
@@ -317,6 +326,15 @@ def _standby(cfg: dict[str, Any], cg: dict[str, Any], kept: list[int], sock: _sy
             sock.send(b"F" + msg.encode()[:4000])
         finally:
             os._exit(127 if handed else 1)
+
+
+def _stamp(d: str) -> tuple[int, int]:
+    """(mtime in ns, size) of state.json in container directory `d`; (0, 0) when absent."""
+    try:
+        s = os.stat(os.path.join(d, STATE_FILE))
+    except OSError:
+        return (0, 0)
+    return (s.st_mtime_ns, s.st_size)
 
 
 def _join_cgroups(cg: dict[str, Any]) -> None:

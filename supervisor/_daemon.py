@@ -124,6 +124,12 @@ def _prepare_run(spec: ContainerSpec, bundle: str, net: Attachment | None, log_d
         _container.delete(root, spec.name, True)
 
 
+def _final_oom_reads(watcher: OomWatcher | None, cg: dict[str, Any]
+                     ) -> tuple[list[OomKill], int]:
+    """After the exit (blocking): the watcher's last check, and the cgroup's ``oom_kill``."""
+    return (watcher.final_check() if watcher is not None else []), _fresh_oom_kills(cg)
+
+
 def _show_size(n: int) -> str:
     """``16M`` for 16 MiB: the largest unit that divides `n`."""
     for unit, shift in (("G", 30), ("M", 20), ("K", 10)):
@@ -454,13 +460,16 @@ class ContainerSupervisor:
                 self.name, self.bundle, out_w, err_w, (out_r, err_r),
                 pin=self._respawns, reuse=reuse)
             faults.hit("created")
-            pid, start_time = started.pid, started.start_time
-            if started.respawned and self._cgroup is not None:
+            pid, start_time, respawned = started.pid, started.start_time, started.respawned
+            full = started.cgroup
+            del started  # this frame lives as long as the run: keep only the memory cgroup's
+            if respawned and self._cgroup is not None:
                 cgroup = self._cgroup  # the same cgroup as before
-            elif started.cgroup is not None:
-                cgroup = _memory_cgroup(started.cgroup)
+            elif full is not None:
+                cgroup = _memory_cgroup(full)
             else:
                 start_time, cgroup = await _thread(ctx.limiter, _init_of, ctx.root, self.name)
+            full = None
             if self._respawns:
                 self._cgroup = cgroup
         except (HelperError, CorralError, OSError, ValueError, NetworkError) as e:
@@ -479,9 +488,9 @@ class ContainerSupervisor:
         self.starts += 1
         self.restart.on_start(trio.current_time())
         self._init = (pid, start_time)
-        if not started.respawned:  # a new cgroup; a respawn keeps the old one and its count
+        if not respawned:  # a new cgroup; a respawn keeps the old one and its count
             self._oom_base = 0
-        self._settle = started.respawned and bool(cgroup.get("unified"))
+        self._settle = respawned and bool(cgroup.get("unified"))
         return await self._attend(Run(pid, start_time, cgroup, out_r, err_r, fresh=True))
 
     async def _attend(self, run: Run) -> ExitCause:
@@ -547,7 +556,10 @@ class ContainerSupervisor:
     async def _count_ooms(self, cgroup: dict[str, Any]) -> int:
         """Add what the container cgroup's ``oom_kill`` grew by since last looked; returns
         the growth."""
-        now: int = await _thread(self.ctx.limiter, _fresh_oom_kills, cgroup)
+        return self._add_ooms(await _thread(self.ctx.limiter, _fresh_oom_kills, cgroup))
+
+    def _add_ooms(self, now: int) -> int:
+        """The cgroup's ``oom_kill`` is `now`: count what it grew by; returns the growth."""
         grew = max(0, now - self._oom_base)
         self.oom_kills += grew
         self._oom_base = max(now, self._oom_base)
@@ -578,10 +590,11 @@ class ContainerSupervisor:
                     nursery.start_soon(self._stopper)
                     info = await _wait_end(ctx, self.name, run)
                     nursery.cancel_scope.cancel()
-            if watcher is not None:
-                kills += await _thread(ctx.limiter, watcher.final_check)
             if run.cgroup:
-                grew = await self._count_ooms(run.cgroup)
+                # One thread for both reads: this is on the way to a restart.
+                found, now = await _thread(ctx.limiter, _final_oom_reads, watcher, run.cgroup)
+                kills += found
+                grew = self._add_ooms(now)
                 if grew and not kills:
                     kills.append(OomKill(grew, CONTAINER))
         finally:
