@@ -366,6 +366,9 @@ class ContainerSupervisor:
             ended = self.undecided_at if cause is not None else None
             if self.adopt is not None:
                 run, self.adopt = self.adopt, None
+                if self._respawns and run.via_helper and run.exit is None:
+                    # A new client made the helper release every pin: take this one's again.
+                    await self.ctx.helper.pin(self.name)
                 cause = await self._attend(run)
             while True:
                 if cause is None:

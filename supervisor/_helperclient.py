@@ -342,6 +342,11 @@ class HelperClient:
                        cgroup if isinstance(cgroup, dict) else None,
                        reply.get("respawned") is True)
 
+    async def pin(self, cid: str) -> None:
+        """Have the helper keep running container `cid`'s namespaces for a respawn (see
+        `create`'s `pin`; for a container adopted from a previous daemon)."""
+        await self._send({"op": "pin", "id": cid})
+
     async def release(self, cid: str) -> None:
         """Unpin `cid`'s namespaces (see `create`'s `pin`): it will not be respawned."""
         await self._send({"op": "release", "id": cid})

@@ -27,6 +27,8 @@ reply repeats:
             pinned and can be, else delete what is left of it and create it anew.
     {"op":"release","id":ID}   (no reply) unpin ID: it will not be respawned. A new client
                                releases every pin (it decides afresh what to restart).
+    {"op":"pin","id":ID}       (no reply) pin running container ID's namespaces, as a
+                               create's "pin" does (for a container a new client adopts)
     {"op":"list","seq":N}      -> {"op":"list","seq":N,"containers":[{"id":ID,"pid":PID}],
                                    "creating":[ID]}  (creates in progress)
     {"op":"attach","seq":N,"id":ID}
@@ -543,6 +545,13 @@ class Helper:
                                   "msg": f"no pipes kept for container {cid!r}"})
             else:
                 self.reply(conn, {"op": "attached", "seq": seq, "id": cid}, list(logs))
+        elif op == "pin":
+            cid = msg.get("id")
+            if isinstance(cid, str) and cid in self.inits and cid not in self.kept:
+                try:
+                    self.kept[cid] = keep(self.inits[cid])
+                except OSError as e:
+                    _log(f"cannot keep the namespaces of {cid}: {e}")
         elif op == "release":
             cid = msg.get("id")
             if isinstance(cid, str):

@@ -347,3 +347,17 @@ def test_in_place_false_recreates_each_time_with_a_fresh_tmpfs(corrald: Corrald)
     assert corrald.text.count(f"created {name}, init pid") == 3  # the marker never survived
     assert f"respawned {name}" not in corrald.text
     assert corrald.terminate() == 0
+
+
+@pytest.mark.root
+def test_a_container_adopted_by_a_new_corrald_is_respawned_too(corrald: Corrald) -> None:
+    name = corrald.add("sleep 2; exit 1",
+                       '[restart]\npolicy = "on-failure"\nmax_retries = 1\n'
+                       'backoff_initial = "0s"\nbackoff_jitter = 0.0')
+    corrald.start()
+    corrald.wait_for(rf"{name}: state starting -> running")
+    corrald.kill9()
+    corrald.start()  # adopts it; the helper released its pins when this daemon connected
+    corrald.wait_for(rf"{name}: state running -> exited \(exited with code 1: gave up after 1")
+    assert corrald.text.count(f"respawned {name}, init pid") == 1
+    assert corrald.terminate() == 0
