@@ -14,7 +14,7 @@ dies). A respawn then starts the container's process again in them, in two steps
   whether to restart): forks the new init, which does everything that does not depend on
   the decision, then waits (a *standby*);
 * `go` (the restart): hands the standby its stdio; it execs `process.args` at once.
-  `abort` (no restart) ends it. `respawn` is both in a row.
+  `abort` (no restart) ends it. Without a standby (it waited too long), both run in a row.
 
 What the new init is and does:
 
@@ -138,9 +138,6 @@ class Standby:
         # the new pid unless the file changed meanwhile (no second parse of its config).
         self.loaded = loaded
 
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
     def poll(self, timeout: float = 0.0) -> str:
         """Read what the standby said, waiting up to `timeout` s; returns `state`."""
         if self.state != "preparing":
@@ -177,10 +174,9 @@ def prepare(root: Root, cid: str, kept: list[int]) -> Standby:
         why = refusal(st.config)
         if why is None and st.status() != "stopped":
             why = f"it is {st.status()}"
-        mgr = manager_from_state(st.cgroup) if st.cgroup else None
-        if why is None and mgr is not None:
+        if why is None and st.cgroup:
             try:
-                if mgr.pids():
+                if manager_from_state(st.cgroup).pids():
                     why = "its cgroup still has processes"
             except OSError as e:
                 why = f"its cgroup is gone ({e.strerror})"
@@ -263,14 +259,6 @@ def abort(standby: Standby) -> None:
     except ProcessLookupError:
         pass
     standby.sock.close()
-
-
-def respawn(root: Root, cid: str, kept: list[int], stdio: tuple[int, int, int]) -> Standby:
-    """`prepare` then `go`: the standby (its `pid` is the new init's) once it is about to
-    exec. Raises as they do; the caller reaps the standby's pid whatever happens."""
-    standby = prepare(root, cid, kept)
-    go(root, standby, stdio)
-    return standby
 
 
 def _standby(cfg: dict[str, Any], cg: dict[str, Any], kept: list[int], sock: _sys.Socket,

@@ -435,7 +435,8 @@ class ContainerSupervisor:
             self.done.set()
 
     async def _run_once(self) -> ExitCause | None:
-        """Create, run, wait and delete once; the exit cause, or None when the create failed."""
+        """Create (or respawn a kept container), run, wait once; the exit cause, or None when
+        the create failed."""
         ctx = self.ctx
         self._set("starting", f"start {self.starts + 1}")
         out_r = out_w = err_r = err_w = -1
@@ -497,7 +498,8 @@ class ContainerSupervisor:
         return await self._attend(Run(pid, start_time, cgroup, out_r, err_r, fresh=True))
 
     async def _attend(self, run: Run) -> ExitCause:
-        """Log, watch and stop `run` until its exit; record the exit, then delete it."""
+        """Log, watch and stop `run` until its exit; record the exit, then delete it, or keep
+        it for a respawn (`run` deletes it if no restart follows)."""
         ctx = self.ctx
         self._live = True
         async with trio.open_nursery() as readers:

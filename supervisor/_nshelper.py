@@ -381,7 +381,8 @@ class Helper:
         self.client = conn
         self.outbox = collections.deque(self.events.values())
         # A new daemon decides afresh what to restart: a kept container of the old one is
-        # created anew, or deleted, never respawned, so nothing would ever release its pins.
+        # created anew, or deleted, never respawned, so nothing would ever release its pins;
+        # it pins again (op "pin") the running containers it adopts.
         for cid in list(self.kept):
             self.release(cid)
 
