@@ -383,12 +383,19 @@ def delete(root: Root, cid: str, force: bool = False, log: Log = NULL) -> None:
     with Lock(d):
         try:
             st = root.load(cid)
-        except CorralError:
+        except CorralError as e:
             if not os.path.exists(os.path.join(d, "state.json")):
                 # An aborted create left only the directory: nothing runs, remove it.
                 remove_tree(d)
                 if force:
                     return
+            elif force:
+                # A torn state.json: it is written without fsync (it lives no longer than
+                # the machine's uptime), so only a power loss with /run on disk tears it, and
+                # then nothing of the container runs. Its cgroups cannot be known: say so.
+                log.warning(f"{e}; removing its state directory (its cgroups, if any, stay)")
+                remove_tree(d)
+                return
             raise
         status = st.status()
         if status in ("running", "paused") and not force:

@@ -446,3 +446,20 @@ def test_run_killed_from_outside(rt, make_bundle, cf, tmp_path):
     finally:
         os.close(r)
     assert rc == 137
+
+
+@pytest.mark.root
+def test_delete_force_removes_a_container_whose_state_file_is_torn(rt, make_bundle):
+    """state.json is written without fsync: after a power loss (with /run on disk) it can be
+    empty. `delete` says it is corrupt; `delete --force` removes it, saying so."""
+    cid = rt.create(make_bundle(args=["true"]))
+    rt("delete", "--force", cid)  # nothing runs any more, as after a reboot
+    d = rt.state_root / cid
+    d.mkdir()
+    (d / "state.json").write_bytes(b"")
+    res = rt("delete", cid, check=False)
+    assert res.returncode != 0
+    assert f"container {cid!r}: state file is corrupt" in res.stderr
+    res = rt("delete", "--force", cid)
+    assert "removing its state directory" in res.stderr
+    assert not d.exists()
