@@ -69,7 +69,6 @@ TYPE_CHECKING = False  # typing costs ~4 ms to import; mypy honours this name
 if TYPE_CHECKING:
     from typing import Any, NoReturn
 
-_CGROUP_ROOT = "/sys/fs/cgroup"
 STEP_TIMEOUT = 10.0  # seconds a standby may take to get ready, or to exec after `go`
 
 # The namespaces kept, in the order the new init joins them: the mount namespace last, since
@@ -337,23 +336,23 @@ def _join_cgroups(cg: dict[str, Any]) -> None:
     hybrid host, which only tracks processes when no controller is enabled in it, is left to
     `settle_unified` after the exec, unless it has controllers.
     """
+    from ._cgroups import _write
+
     if cg.get("version") == 2:
-        with open(os.path.join(cg["path"], "cgroup.procs"), "w") as f:
-            f.write("0")
+        _write(os.path.join(cg["path"], "cgroup.procs"), "0")
         return
     unified = cg.get("unified")
     if unified and _has_controllers(unified):
-        with open(os.path.join(unified, "cgroup.procs"), "w") as f:
-            f.write("0")
+        _write(os.path.join(unified, "cgroup.procs"), "0")
     for d in cg.get("paths", {}).values():
-        with open(os.path.join(d, "tasks"), "w") as f:
-            f.write("0")
+        _write(os.path.join(d, "tasks"), "0")
 
 
 def _has_controllers(cgroup2_dir: str) -> bool:
+    from ._cgroups import _slurp
+
     try:
-        with open(os.path.join(cgroup2_dir, "cgroup.controllers")) as f:
-            return bool(f.read().split())
+        return bool(_slurp(os.path.join(cgroup2_dir, "cgroup.controllers")).split())
     except OSError:
         return True  # unknown: do it the safe way
 
@@ -365,32 +364,27 @@ def settle_unified(cg: dict[str, Any]) -> int:
     The new init joined the v1 hierarchies itself and exec'd at once (see _join_cgroups):
     what it forked meanwhile inherited the caller's unified cgroup. Processes are listed from
     a v1 cgroup of the container and moved until a pass finds them all in place."""
+    from ._cgroups import CGROUP_ROOT, _read_pids, _slurp, _write
+
     unified = cg.get("unified")
     paths = list((cg.get("paths") or {}).values())
     if cg.get("version") == 2 or not unified or not paths:
         return 0
-    want = "0::" + unified[len(os.path.join(_CGROUP_ROOT, "unified")):]
+    want = "0::" + unified[len(os.path.join(CGROUP_ROOT, "unified")):] + "\n"
     moved = 0
     for _pass in range(10):
         todo = []
-        try:
-            with open(os.path.join(paths[0], "cgroup.procs")) as f:
-                pids = [int(x) for x in f.read().split()]
-        except OSError:
-            return moved  # deleted meanwhile
-        for pid in pids:
+        for pid in _read_pids(paths[0]):  # [] once deleted meanwhile
             try:
-                with open(f"/proc/{pid}/cgroup") as f:
-                    if want + "\n" not in f.read():
-                        todo.append(pid)
+                if want not in _slurp(f"/proc/{pid}/cgroup"):
+                    todo.append(pid)
             except OSError:
                 continue  # gone
         if not todo:
             return moved
         for pid in todo:
             try:
-                with open(os.path.join(unified, "cgroup.procs"), "w") as f:
-                    f.write(str(pid))
+                _write(os.path.join(unified, "cgroup.procs"), str(pid))
                 moved += 1
             except OSError:
                 continue  # gone meanwhile
